@@ -1,0 +1,34 @@
+# emalora-fast: every target does its own set-up in a local virtual environment.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# The CPU build of torch used where no torch is installed yet (a CUDA machine keeps its own).
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install test test-fast demo bench lint clean
+
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip "setuptools>=77" wheel ninja
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_CPU)"
+	$(PIP) install --quiet --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	bash scripts/run_tests.sh $(PY)
+
+demo: $(STAMP)
+	$(PY) -m emalora_fast demo
+
+bench: $(STAMP)
+	$(PY) -m emalora_fast bench
+
+lint: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+clean:
+	rm -rf build dist *.egg-info emalora_fast/_C*.so .pytest_cache

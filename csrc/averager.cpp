@@ -1,0 +1,193 @@
+// Fused EMA / BEMA update of many tensors in one op call (CPU).
+//
+// Per element of the flat fp32 buffers (theta = the live parameter, in its own dtype):
+//   reset:  ema = theta; theta0 = theta; out = theta
+//   update: ema' = c_ema * ema + c_theta * theta
+//           out  = ema' + alpha * (theta - theta0)        (BEMA, when theta0 is given)
+//   teacher[i] = (BEMA ? out : ema') cast to the teacher's dtype, when teachers are given.
+// Elements whose theta is not finite keep every state value and set flag[0] = 1.
+#include "common.h"
+
+#include <ATen/Dispatch.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+namespace emalora_fast {
+namespace {
+
+struct Coeffs {
+  float c_ema, c_theta, alpha;
+  bool reset;
+};
+
+// One contiguous run of elements [0, n) of a tensor; state pointers already offset.
+template <typename P, typename T>
+bool update_run(const P* theta, T* teacher, float* ema, float* theta0, float* out, int64_t n,
+                const Coeffs& k) {
+  bool bad = false;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t m = std::min(kChunk, n - c0);
+    const P* th = theta + c0;
+    float* e = ema + c0;
+    float* t0 = theta0 ? theta0 + c0 : nullptr;
+    float* o = out ? out + c0 : nullptr;
+    T* te = teacher ? teacher + c0 : nullptr;
+    if (all_finite(th, m)) {
+      if (k.reset) {
+#pragma omp simd
+        for (int64_t i = 0; i < m; ++i) {
+          const float x = static_cast<float>(th[i]);
+          e[i] = x;
+          if (t0) t0[i] = x;
+          if (o) o[i] = x;
+          if (te) te[i] = static_cast<T>(x);
+        }
+      } else if (t0) {
+#pragma omp simd
+        for (int64_t i = 0; i < m; ++i) {
+          const float x = static_cast<float>(th[i]);
+          const float en = k.c_ema * e[i] + k.c_theta * x;
+          const float b = en + k.alpha * (x - t0[i]);
+          e[i] = en;
+          o[i] = b;
+          if (te) te[i] = static_cast<T>(b);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < m; ++i) {
+          const float en = k.c_ema * e[i] + k.c_theta * static_cast<float>(th[i]);
+          e[i] = en;
+          if (te) te[i] = static_cast<T>(en);
+        }
+      }
+      continue;
+    }
+    // Slow path for a chunk holding a non-finite theta: update only the finite elements.
+    bad = true;
+    for (int64_t i = 0; i < m; ++i) {
+      const float x = static_cast<float>(th[i]);
+      if (!std::isfinite(x)) continue;
+      float v;
+      if (k.reset) {
+        e[i] = x;
+        if (t0) t0[i] = x;
+        if (o) o[i] = x;
+        v = x;
+      } else {
+        const float en = k.c_ema * e[i] + k.c_theta * x;
+        e[i] = en;
+        v = en;
+        if (t0) {
+          v = en + k.alpha * (x - t0[i]);
+          o[i] = v;
+        }
+      }
+      if (te) te[i] = static_cast<T>(v);
+    }
+  }
+  return bad;
+}
+
+template <typename P, typename T>
+void update_all(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>* teachers,
+                const std::vector<int64_t>& starts, float* ema, float* theta0, float* out,
+                int32_t* flag, const Coeffs& k) {
+  const int64_t total = starts.back();
+  std::atomic<bool> any_bad{false};
+  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+    // First tensor whose range holds `begin`.
+    auto it = std::upper_bound(starts.begin(), starts.end(), begin);
+    int64_t ti = static_cast<int64_t>(it - starts.begin()) - 1;
+    int64_t pos = begin;
+    bool bad = false;
+    while (pos < end) {
+      const int64_t t_start = starts[ti], t_end = starts[ti + 1];
+      const int64_t stop = std::min(end, t_end);
+      const int64_t off = pos - t_start;
+      const int64_t n = stop - pos;
+      if (n > 0) {
+        const P* th = params[ti].const_data_ptr<P>() + off;
+        T* te = teachers ? (*teachers)[ti].mutable_data_ptr<T>() + off : nullptr;
+        bad |= update_run<P, T>(th, te, ema + pos, theta0 ? theta0 + pos : nullptr,
+                                out ? out + pos : nullptr, n, k);
+      }
+      pos = stop;
+      ++ti;
+    }
+    if (bad) any_bad.store(true, std::memory_order_relaxed);
+  });
+  if (any_bad.load()) *flag = 1;
+}
+
+void check_state(const at::Tensor& t, int64_t total, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                  t.numel() == total,
+              "averager_update: ", what, " must be a contiguous CPU float32 tensor of ", total,
+              " elements, got ", t.scalar_type(), " of ", t.numel(), " elements");
+}
+
+void averager_update(at::TensorList params, at::TensorList teachers, const at::Tensor& ema,
+                     const std::optional<at::Tensor>& theta0, const std::optional<at::Tensor>& out,
+                     const at::Tensor& flag, double c_ema, double c_theta, double alpha,
+                     bool reset) {
+  TORCH_CHECK(!params.empty(), "averager_update: no parameters");
+  TORCH_CHECK(teachers.empty() || teachers.size() == params.size(),
+              "averager_update: got ", teachers.size(), " teacher tensors for ", params.size(),
+              " parameters");
+  TORCH_CHECK(theta0.has_value() == out.has_value(),
+              "averager_update: theta0 and out go together (BEMA) or are both absent (EMA)");
+  const auto p_type = params[0].scalar_type();
+  const auto t_type = teachers.empty() ? p_type : teachers[0].scalar_type();
+  std::vector<int64_t> starts(params.size() + 1, 0);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& p = params[i];
+    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.scalar_type() == p_type,
+                "averager_update: parameter ", i,
+                " must be a contiguous CPU tensor of the group's dtype ", p_type);
+    if (!teachers.empty()) {
+      const auto& t = teachers[i];
+      TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == t_type &&
+                      t.numel() == p.numel(),
+                  "averager_update: teacher ", i, " must match parameter ", i);
+    }
+    starts[i + 1] = starts[i] + p.numel();
+  }
+  const int64_t total = starts.back();
+  check_state(ema, total, "ema");
+  if (theta0) {
+    check_state(*theta0, total, "theta0");
+    check_state(*out, total, "out");
+  }
+  TORCH_CHECK(flag.device().is_cpu() && flag.scalar_type() == at::kInt && flag.numel() >= 1,
+              "averager_update: flag must be a CPU int32 tensor");
+  const Coeffs k{static_cast<float>(c_ema), static_cast<float>(c_theta),
+                 static_cast<float>(alpha), reset};
+  const std::vector<at::Tensor> p_vec(params.begin(), params.end());
+  const std::vector<at::Tensor> t_vec(teachers.begin(), teachers.end());
+  float* th0 = theta0 ? theta0->data_ptr<float>() : nullptr;
+  float* o = out ? out->data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p_type, "averager_update", [&] {
+    using P = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t_type, "averager_teacher", [&] {
+      update_all<P, scalar_t>(p_vec, t_vec.empty() ? nullptr : &t_vec, starts,
+                              ema.data_ptr<float>(), th0, o, flag.data_ptr<int32_t>(), k);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(emalora_fast, m) {
+  m.def(
+      "averager_update(Tensor[] params, Tensor(a!)[] teachers, Tensor(b!) ema, "
+      "Tensor(c!)? theta0, Tensor(d!)? out, Tensor(e!) flag, float c_ema, float c_theta, "
+      "float alpha, bool reset) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(emalora_fast, CPU, m) { m.impl("averager_update", &averager_update); }
+
+}  // namespace emalora_fast

@@ -1,0 +1,161 @@
+"""Multi-tensor fused EMA / BEMA update: one launch for every tensor of a group.
+
+The launcher keeps, on the device, a table of the tensors' data pointers and a block map
+(block -> tensor, element offset), built once by :class:`AveragerPlan` and rebuilt by the caller
+only when a parameter's storage moved. A launch therefore has no cap on the tensor count and its
+blocks are the same size whatever the tensor sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 2048  # elements per program
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _averager_kernel(
+    param_ptrs,  # [T] int64 addresses of the live tensors theta (PARAM_DTYPE)
+    teacher_ptrs,  # [T] int64 addresses of the teacher tensors (TEACHER_DTYPE), if HAS_TEACHER
+    tensor_start,  # [T] int64 offset of each tensor in the flat fp32 buffers
+    tensor_numel,  # [T] int64 element count of each tensor
+    block_tensor,  # [B] int32 tensor index of each program
+    block_offset,  # [B] int64 first element of each program inside its tensor
+    ema_ptr,  # [P] fp32 shadow (EMA of theta)
+    theta0_ptr,  # [P] fp32 theta_0 (BEMA only)
+    out_ptr,  # [P] fp32 BEMA output (BEMA only)
+    flag_ptr,  # [1] int32 set to 1 when a theta element is not finite
+    c_ema,  # fp32 weight of the old shadow
+    c_theta,  # fp32 weight of theta
+    alpha,  # fp32 BEMA bias-correction weight
+    PARAM_DTYPE: tl.constexpr,
+    TEACHER_DTYPE: tl.constexpr,
+    IS_BEMA: tl.constexpr,
+    RESET: tl.constexpr,
+    HAS_TEACHER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(block_tensor + pid).to(tl.int64)
+    first = tl.load(block_offset + pid)
+    numel = tl.load(tensor_numel + t)
+    flat = tl.load(tensor_start + t) + first
+    offs = tl.arange(0, BLOCK).to(tl.int64)
+    in_bounds = first + offs < numel
+
+    theta_base = tl.load(param_ptrs + t).to(tl.pointer_type(PARAM_DTYPE))
+    theta = tl.load(theta_base + first + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    finite = (theta * 0.0) == 0.0  # False for inf and NaN
+    ok = in_bounds & finite
+    bad = tl.max((in_bounds & ~finite).to(tl.int32), axis=0)
+    tl.store(flag_ptr, bad, mask=bad > 0)
+
+    if RESET:
+        ema = theta
+        tl.store(ema_ptr + flat + offs, ema, mask=ok)
+        if IS_BEMA:
+            tl.store(theta0_ptr + flat + offs, theta, mask=ok)
+            tl.store(out_ptr + flat + offs, theta, mask=ok)
+        avg = theta
+    else:
+        ema = tl.load(ema_ptr + flat + offs, mask=ok, other=0.0)
+        ema = c_ema * ema + c_theta * theta
+        tl.store(ema_ptr + flat + offs, ema, mask=ok)
+        if IS_BEMA:
+            theta0 = tl.load(theta0_ptr + flat + offs, mask=ok, other=0.0)
+            avg = ema + alpha * (theta - theta0)
+            tl.store(out_ptr + flat + offs, avg, mask=ok)
+        else:
+            avg = ema
+    if HAS_TEACHER:
+        teacher_base = tl.load(teacher_ptrs + t).to(tl.pointer_type(TEACHER_DTYPE))
+        tl.store(teacher_base + first + offs, avg.to(TEACHER_DTYPE), mask=ok)
+
+
+class AveragerPlan:
+    """Device-side tables for one group of tensors (same device, same dtype).
+
+    Args:
+        params: the live tensors theta, contiguous, one dtype, one device.
+        teachers: tensors of the same shapes written with the averaged values, or None.
+    """
+
+    def __init__(self, params: list[torch.Tensor], teachers: list[torch.Tensor] | None = None):
+        if not params:
+            raise ValueError("AveragerPlan needs at least one tensor")
+        device, dtype = params[0].device, params[0].dtype
+        if dtype not in _TL_DTYPES:
+            raise TypeError(f"unsupported parameter dtype {dtype}")
+        numels = [p.numel() for p in params]
+        starts = [0]
+        for n in numels[:-1]:
+            starts.append(starts[-1] + n)
+        block_tensor, block_offset = [], []
+        for i, n in enumerate(numels):
+            for off in range(0, n, BLOCK):
+                block_tensor.append(i)
+                block_offset.append(off)
+        self.device = device
+        self.numel = sum(numels)
+        self.num_blocks = len(block_tensor)
+        self.param_dtype = _TL_DTYPES[dtype]
+        self.teacher_dtype = _TL_DTYPES[teachers[0].dtype] if teachers else self.param_dtype
+
+        def table(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device)
+
+        self.param_ptrs = table([p.data_ptr() for p in params], torch.int64)
+        self.teacher_ptrs = (
+            table([p.data_ptr() for p in teachers], torch.int64) if teachers else self.param_ptrs
+        )
+        self.has_teacher = bool(teachers)
+        self.tensor_start = table(starts, torch.int64)
+        self.tensor_numel = table(numels, torch.int64)
+        self.block_tensor = table(block_tensor, torch.int32)
+        self.block_offset = table(block_offset, torch.int64)
+
+
+def averager_update(
+    plan: AveragerPlan,
+    ema: torch.Tensor,
+    theta0: torch.Tensor | None,
+    out: torch.Tensor | None,
+    flag: torch.Tensor,
+    c_ema: float,
+    c_theta: float,
+    alpha: float,
+    reset: bool,
+) -> None:
+    """One launch: update ``ema`` (and ``out``/``theta0`` for BEMA, the teachers if planned).
+
+    ``theta0`` and ``out`` are both given (BEMA) or both None (EMA). Scalars are host floats.
+    """
+    if plan.num_blocks == 0:
+        return
+    is_bema = theta0 is not None
+    _averager_kernel[(plan.num_blocks,)](
+        plan.param_ptrs,
+        plan.teacher_ptrs,
+        plan.tensor_start,
+        plan.tensor_numel,
+        plan.block_tensor,
+        plan.block_offset,
+        ema,
+        theta0 if is_bema else ema,
+        out if is_bema else ema,
+        flag,
+        c_ema,
+        c_theta,
+        alpha,
+        PARAM_DTYPE=plan.param_dtype,
+        TEACHER_DTYPE=plan.teacher_dtype,
+        IS_BEMA=is_bema,
+        RESET=reset,
+        HAS_TEACHER=plan.has_teacher,
+        BLOCK=BLOCK,
+        num_warps=4,
+    )
