@@ -24,8 +24,38 @@ struct Coeffs {
   bool reset;
 };
 
+// The update of one chunk of m finite elements; the switches are compile-time so that every
+// variant is a branch-free vectorizable loop.
+template <typename P, typename T, bool BEMA, bool TEACH, bool RESET>
+inline void update_chunk(const P* __restrict th, T* __restrict te, float* __restrict e,
+                         float* __restrict t0, float* __restrict o, int64_t m, const Coeffs& k) {
+  const float c_ema = k.c_ema, c_theta = k.c_theta, alpha = k.alpha;
+#pragma omp simd
+  for (int64_t i = 0; i < m; ++i) {
+    const float x = static_cast<float>(th[i]);
+    float v;
+    if constexpr (RESET) {
+      e[i] = x;
+      if constexpr (BEMA) {
+        t0[i] = x;
+        o[i] = x;
+      }
+      v = x;
+    } else {
+      const float en = c_ema * e[i] + c_theta * x;
+      e[i] = en;
+      v = en;
+      if constexpr (BEMA) {
+        v = en + alpha * (x - t0[i]);
+        o[i] = v;
+      }
+    }
+    if constexpr (TEACH) te[i] = static_cast<T>(v);
+  }
+}
+
 // One contiguous run of elements [0, n) of a tensor; state pointers already offset.
-template <typename P, typename T>
+template <typename P, typename T, bool BEMA, bool TEACH, bool RESET>
 bool update_run(const P* theta, T* teacher, float* ema, float* theta0, float* out, int64_t n,
                 const Coeffs& k) {
   bool bad = false;
@@ -33,63 +63,42 @@ bool update_run(const P* theta, T* teacher, float* ema, float* theta0, float* ou
     const int64_t m = std::min(kChunk, n - c0);
     const P* th = theta + c0;
     float* e = ema + c0;
-    float* t0 = theta0 ? theta0 + c0 : nullptr;
-    float* o = out ? out + c0 : nullptr;
-    T* te = teacher ? teacher + c0 : nullptr;
+    float* t0 = BEMA ? theta0 + c0 : nullptr;
+    float* o = BEMA ? out + c0 : nullptr;
+    T* te = TEACH ? teacher + c0 : nullptr;
     if (all_finite(th, m)) {
-      if (k.reset) {
-#pragma omp simd
-        for (int64_t i = 0; i < m; ++i) {
-          const float x = static_cast<float>(th[i]);
-          e[i] = x;
-          if (t0) t0[i] = x;
-          if (o) o[i] = x;
-          if (te) te[i] = static_cast<T>(x);
-        }
-      } else if (t0) {
-#pragma omp simd
-        for (int64_t i = 0; i < m; ++i) {
-          const float x = static_cast<float>(th[i]);
-          const float en = k.c_ema * e[i] + k.c_theta * x;
-          const float b = en + k.alpha * (x - t0[i]);
-          e[i] = en;
-          o[i] = b;
-          if (te) te[i] = static_cast<T>(b);
-        }
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < m; ++i) {
-          const float en = k.c_ema * e[i] + k.c_theta * static_cast<float>(th[i]);
-          e[i] = en;
-          if (te) te[i] = static_cast<T>(en);
-        }
-      }
+      update_chunk<P, T, BEMA, TEACH, RESET>(th, te, e, t0, o, m, k);
       continue;
     }
-    // Slow path for a chunk holding a non-finite theta: update only the finite elements.
+    // A chunk holding a non-finite theta: update the finite elements one by one.
     bad = true;
     for (int64_t i = 0; i < m; ++i) {
-      const float x = static_cast<float>(th[i]);
-      if (!std::isfinite(x)) continue;
-      float v;
-      if (k.reset) {
-        e[i] = x;
-        if (t0) t0[i] = x;
-        if (o) o[i] = x;
-        v = x;
-      } else {
-        const float en = k.c_ema * e[i] + k.c_theta * x;
-        e[i] = en;
-        v = en;
-        if (t0) {
-          v = en + k.alpha * (x - t0[i]);
-          o[i] = v;
-        }
+      if (std::isfinite(static_cast<float>(th[i]))) {
+        update_chunk<P, T, BEMA, TEACH, RESET>(th + i, TEACH ? te + i : nullptr, e + i,
+                                               BEMA ? t0 + i : nullptr, BEMA ? o + i : nullptr, 1,
+                                               k);
       }
-      if (te) te[i] = static_cast<T>(v);
     }
   }
   return bad;
+}
+
+// Picks the compile-time variant of update_run for the runtime switches.
+template <typename P, typename T>
+bool dispatch_run(const P* th, T* te, float* e, float* t0, float* o, int64_t n, const Coeffs& k) {
+  const bool bema = t0 != nullptr, teach = te != nullptr;
+#define EMALORA_RUN(B, TE, R) \
+  if (bema == B && teach == TE && k.reset == R) return update_run<P, T, B, TE, R>(th, te, e, t0, o, n, k);
+  EMALORA_RUN(true, true, true)
+  EMALORA_RUN(true, true, false)
+  EMALORA_RUN(true, false, true)
+  EMALORA_RUN(true, false, false)
+  EMALORA_RUN(false, true, true)
+  EMALORA_RUN(false, true, false)
+  EMALORA_RUN(false, false, true)
+  EMALORA_RUN(false, false, false)
+#undef EMALORA_RUN
+  return false;
 }
 
 template <typename P, typename T>
@@ -112,8 +121,9 @@ void update_all(const std::vector<at::Tensor>& params, const std::vector<at::Ten
       if (n > 0) {
         const P* th = params[ti].const_data_ptr<P>() + off;
         T* te = teachers ? (*teachers)[ti].mutable_data_ptr<T>() + off : nullptr;
-        bad |= update_run<P, T>(th, te, ema + pos, theta0 ? theta0 + pos : nullptr,
-                                out ? out + pos : nullptr, n, k);
+        float* t0 = theta0 ? theta0 + pos : nullptr;
+        float* o = out ? out + pos : nullptr;
+        bad |= dispatch_run<P, T>(th, te, ema + pos, t0, o, n, k);
       }
       pos = stop;
       ++ti;

@@ -1,0 +1,46 @@
+"""Comparison helpers shared by the tests: the tolerances of ARCHITECTURE.md in one place."""
+
+from __future__ import annotations
+
+import torch
+
+# Relative-norm tolerance per dtype for results computed in fp32 from inputs of that dtype.
+FP32_RTOL = 1e-5
+FP32_RTOL_LONG = 1e-4
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (0/0 = 0)."""
+    out, ref = out.double(), ref.double()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, what: str = "") -> None:
+    """Relative-norm and max-abs check; NaN never passes."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert not torch.isnan(out).any(), f"{what}: NaN in output"
+    assert torch.isfinite(out).eq(torch.isfinite(ref)).all(), f"{what}: finiteness differs"
+    e = rel_err(out, ref)
+    assert e <= rtol, f"{what}: relative error {e:.3g} > {rtol:.3g}"
+    scale = ref.double().abs().max().item() if ref.numel() else 0.0
+    m = (out.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+    assert m <= 10 * rtol * max(scale, 1e-30), f"{what}: max abs error {m:.3g} (scale {scale:.3g})"
+
+
+def rounding_bound(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """Twice the relative error of torch's own rounding of the float64 truth to ``dtype``."""
+    return 2 * rel_err(ref.to(dtype), ref) + 1e-12
+
+
+def one_ulp_bound(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """Relative norm of one unit in the last place of ``dtype`` at ``ref``'s magnitudes.
+
+    Triton's interpreter converts float32 to bf16/fp16 by truncation, not round-to-nearest-even
+    as torch and the GPU do: under the interpreter a converted result may sit one ulp off.
+    """
+    mant = torch.finfo(dtype).eps  # 2**-(mantissa bits)
+    mag = ref.double().abs().clamp_min(torch.finfo(dtype).tiny)
+    ulp = torch.exp2(torch.floor(torch.log2(mag))) * mant
+    return ulp.norm().item() / max(ref.double().norm().item(), 1e-300) + 1e-12

@@ -1,0 +1,488 @@
+"""The fused averager against a float64 implementation of the formulas, on every backend."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import FP32_RTOL, assert_close, one_ulp_bound, rounding_bound
+from torch import nn
+
+from emalora_fast import BEMA, EMA, BackendUnavailableError
+from emalora_fast import _dispatch as dispatch
+
+BACKENDS = ["cpp", "triton", "torch"]
+ALL = lambda name, p: True  # noqa: E731  (select every parameter of the toy modules)
+
+
+def backend_or_skip(backend: str) -> str:
+    if backend == "triton":
+        pytest.importorskip("triton")
+    if backend == "cpp" and not dispatch.cpp_available():
+        pytest.skip("emalora_fast._C is not built")
+    return backend
+
+
+class Bag(nn.Module):
+    """A module holding tensors of the given sizes and dtype."""
+
+    def __init__(self, sizes: list[int], dtype: torch.dtype, scale: float = 1.0):
+        super().__init__()
+        self.ps = nn.ParameterList(
+            [nn.Parameter((torch.randn(n) * scale).to(dtype)) for n in sizes]
+        )
+
+    def perturb(self, scale: float) -> None:
+        with torch.no_grad():
+            for p in self.ps:
+                p.add_((torch.randn(p.shape) * scale).to(p.dtype))
+
+    def values(self) -> list[torch.Tensor]:
+        return [p.detach().double().clone() for p in self.ps]
+
+
+class Oracle:
+    """The averager's formulas in float64, written out from the specification."""
+
+    def __init__(self, kind: str, theta: list[torch.Tensor], **hp):
+        self.kind, self.hp = kind, hp
+        self.tau = hp.get("update_after", 0)
+        self.phi = hp.get("update_every", 1)
+        self.ema = [t.clone() for t in theta]
+        self.theta0 = [t.clone() for t in theta]
+        self.bema = [t.clone() for t in theta]
+        self.anchored = self.tau == 0
+
+    def decay(self, s: int) -> float:
+        hp = self.hp
+        if not hp.get("warmup", False):
+            return hp["decay"]
+        d = 1 - (1 + s / hp.get("warmup_gamma", 1.0)) ** (-hp.get("warmup_power", 2 / 3))
+        return min(max(d, hp.get("min_decay", 0.0)), hp["decay"])
+
+    def beta_alpha(self, t: int) -> tuple[float, float]:
+        hp = self.hp
+        kappa, eta = hp.get("ema_power", 0.5), hp.get("bias_power", 0.2)
+        rho, gamma = hp.get("lag", 10.0), hp.get("multiplier", 1.0)
+        bmin = hp.get("min_ema_multiplier", 0.0)
+        if hp.get("schedule", "trl") == "paper":
+            te = max(t - self.tau + rho, 1)
+            return max((1 + gamma * te) ** (-kappa), bmin), (1 + te) ** (-eta)
+        return max((rho + gamma * t) ** (-kappa), bmin), (rho + gamma * t) ** (-eta)
+
+    def step(self, t: int, theta: list[torch.Tensor]) -> str | None:
+        """Apply step t; returns 'reset', 'update' or None."""
+        if self.kind == "ema":
+            s = t - self.tau
+            if s <= 0:
+                self.ema = [x.clone() for x in theta]
+                return "reset"
+            if s % self.phi:
+                return None
+            d = self.decay(s)
+            self.ema = [e + (1 - d) * (x - e) for e, x in zip(self.ema, theta)]
+            return "update"
+        if t < self.tau:
+            return None
+        if not self.anchored:
+            self.anchored = True
+            self.ema = [x.clone() for x in theta]
+            self.theta0 = [x.clone() for x in theta]
+            self.bema = [x.clone() for x in theta]
+            return "reset"
+        if (t - self.tau) % self.phi:
+            return None
+        beta, alpha = self.beta_alpha(t)
+        self.ema = [(1 - beta) * e + beta * x for e, x in zip(self.ema, theta)]
+        self.bema = [e + alpha * (x - x0) for e, x, x0 in zip(self.ema, theta, self.theta0)]
+        return "update"
+
+    @property
+    def averaged(self) -> list[torch.Tensor]:
+        return self.bema if self.kind == "bema" else self.ema
+
+
+OPTIONS = {
+    "ema": {
+        "plain": dict(decay=0.9),
+        "after_every": dict(decay=0.8, update_after=3, update_every=2),
+        "warmup": dict(decay=0.95, warmup=True, warmup_gamma=2.0, warmup_power=0.75, min_decay=0.1),
+    },
+    "bema": {
+        "plain": dict(),
+        "after_every": dict(update_after=3, update_every=2, lag=4.0, multiplier=0.5),
+        "warmup": dict(schedule="paper", min_ema_multiplier=0.05, ema_power=0.7, bias_power=0.4),
+    },
+}
+SIZES = {"odd": [0, 1, 3, 1000, 4097], "many": None}
+
+
+def make_sizes(name: str) -> list[int]:
+    if SIZES[name] is not None:
+        return SIZES[name]
+    return torch.randint(1, 97, (310,)).tolist()
+
+
+def make(kind: str, model: nn.Module, backend: str, **hp):
+    cls = BEMA if kind == "bema" else EMA
+    return cls(model, param_filter=ALL, backend=backend, **hp)
+
+
+def poison(avg, action: str | None) -> None:
+    """NaN-fill what the coming update must write entirely (BEMA output, or all on reset)."""
+    if action is None:
+        return
+    for g in avg._groups:
+        if g.out is not None:
+            g.out.fill_(math.nan)
+        if action == "reset":
+            g.ema.fill_(math.nan)
+            if g.theta0 is not None:
+                g.theta0.fill_(math.nan)
+
+
+def oracle_action(oracle: Oracle, t: int) -> str | None:
+    """What step t will do, without applying it."""
+    probe = Oracle.__new__(Oracle)
+    probe.__dict__.update(oracle.__dict__)
+    return Oracle.step(probe, t, oracle.ema)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["ema", "bema"])
+@pytest.mark.parametrize("option", ["plain", "after_every", "warmup"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sizes", ["odd", "many"])
+def test_matches_float64_formulas(backend, kind, option, dtype, sizes):
+    backend_or_skip(backend)
+    if backend == "triton" and sizes == "many" and option != "plain":
+        pytest.skip("interpreter time: the 310-tensor set runs the plain options only")
+    scale = [1e-3, 1.0, 30.0][torch.randint(0, 3, ()).item()]
+    model = Bag(make_sizes(sizes), dtype, scale)
+    hp = OPTIONS[kind][option]
+    avg = make(kind, model, backend, **hp)
+    oracle = Oracle(kind, model.values(), **hp)
+    steps = 6 if (backend == "triton" and sizes == "many") else 22
+    for t in range(1, steps + 1):
+        model.perturb(0.1 * scale)
+        action = oracle_action(oracle, t)
+        poison(avg, action)
+        avg.update()
+        oracle.step(t, model.values())
+        if t % 7 == 0 or t == steps:
+            ours = avg.averaged_state_dict(torch.float32)
+            got = torch.cat([ours[f"ps.{i}"] for i in range(len(oracle.averaged))])
+            assert_close(got, torch.cat(oracle.averaged), FP32_RTOL, f"step {t}")
+    assert avg.step == steps
+    assert not avg.nonfinite_detected()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["ema", "bema"])
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+def test_teacher_tensors_written_in_the_same_pass(backend, kind, teacher_dtype):
+    """The kernel's teacher output (here: tensors reached through param twins) equals the average
+    rounded to the teacher's dtype; the teachers are poisoned before each update."""
+    backend_or_skip(backend)
+    sizes = [5, 1000, 2049, 1]
+    model = Bag(sizes, torch.float32)
+    avg = make(kind, model, backend, **OPTIONS[kind]["plain"])
+    oracle = Oracle(kind, model.values(), **OPTIONS[kind]["plain"])
+    # Attach teachers to the group the way a teacher adapter does, then rebuild its plan.
+    teachers = [torch.empty(n, dtype=teacher_dtype) for n in sizes]
+    g = avg._groups[0]
+    g.teachers = teachers
+    avg._prepare(g)
+    for t in range(1, 9):
+        model.perturb(0.05)
+        for x in teachers:
+            x.fill_(math.nan)
+        avg.update()
+        oracle.step(t, model.values())
+        for i, ref in enumerate(oracle.averaged):
+            if teacher_dtype == torch.float32:
+                tol = FP32_RTOL
+            elif backend == "triton":
+                tol = one_ulp_bound(ref, teacher_dtype)  # the interpreter truncates
+            else:
+                tol = rounding_bound(ref, teacher_dtype)
+            assert_close(teachers[i], ref, tol, f"teacher {i} at step {t}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_weights_are_skipped_and_flagged(backend):
+    backend_or_skip(backend)
+    model = Bag([7, 3000], torch.float32)
+    avg = make("bema", model, backend)
+    oracle = Oracle("bema", model.values())
+    model.perturb(0.1)
+    avg.update()
+    oracle.step(1, model.values())
+    before = avg.averaged_state_dict(torch.float32)
+    with torch.no_grad():
+        model.ps[1][2500] = math.nan
+        model.ps[0][3] = math.inf
+    theta = model.values()
+    avg.update()
+    after = avg.averaged_state_dict(torch.float32)
+    assert avg.nonfinite_detected()
+    assert torch.isfinite(after["ps.0"]).all() and torch.isfinite(after["ps.1"]).all()
+    # Non-finite elements kept their previous average; the others moved as the formula says.
+    assert after["ps.1"][2500] == before["ps.1"][2500] and after["ps.0"][3] == before["ps.0"][3]
+    beta, alpha = oracle.beta_alpha(2)
+    for name, i, bad in (("ps.0", 0, 3), ("ps.1", 1, 2500)):
+        keep = torch.ones_like(theta[i], dtype=torch.bool)
+        keep[bad] = False
+        ema = (1 - beta) * oracle.ema[i] + beta * theta[i]
+        ref = ema + alpha * (theta[i] - oracle.theta0[i])
+        assert_close(after[name][keep], ref[keep], FP32_RTOL, name)
+    avg.reset_nonfinite()
+    assert not avg.nonfinite_detected()
+
+
+def test_matches_trl_bema_callback():
+    """Same hyperparameters and weight sequence: our bema equals TRL's BEMACallback's."""
+    trl_callbacks = pytest.importorskip("trl.trainer.callbacks")
+    from types import SimpleNamespace
+
+    model = Bag([17, 300, 64], torch.float32)
+    hp = dict(ema_power=0.5, bias_power=0.2, lag=10.0, multiplier=1.0, update_after=2)
+    ours = BEMA(
+        model,
+        param_filter=ALL,
+        update_every=1,
+        backend="cpp" if dispatch.cpp_available() else "torch",
+        **hp,
+    )
+    cb = trl_callbacks.BEMACallback(update_freq=1, **hp)
+    running = Bag([17, 300, 64], torch.float32)
+    cb.running_model = running
+    cb.thetat_params = list(model.ps)
+    cb.theta0_params = [p.detach().clone() for p in model.ps]
+    cb.ema_params = [p.detach().clone() for p in model.ps]
+    for t in range(1, 26):
+        model.perturb(0.1)
+        ours.update(step=t)
+        with torch.no_grad():
+            cb.on_step_end(None, SimpleNamespace(global_step=t), None, model)
+        if t > hp["update_after"]:  # at the reset step TRL leaves its running model as it was
+            got = ours.averaged_state_dict()
+            for i, p in enumerate(running.ps):
+                assert_close(got[f"ps.{i}"], p.detach(), 1e-6, f"step {t} tensor {i}")
+
+
+def test_backend_errors():
+    model = Bag([3], torch.float32)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        EMA(model, param_filter=ALL, backend="cuda")
+
+
+def test_forced_triton_without_interpreter_on_cpu_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="CUDA tensors"):
+        EMA(Bag([3], torch.float32), param_filter=ALL, backend="triton")
+
+
+def test_auto_picks_cpp_on_cpu():
+    if not dispatch.cpp_available():
+        pytest.skip("emalora_fast._C is not built")
+    avg = EMA(Bag([3], torch.float32), param_filter=ALL)
+    assert {g.backend for g in avg._groups} == {"cpp"}
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_one_launch_per_group(backend, monkeypatch):
+    backend_or_skip(backend)
+    model = Bag([3, 1000, 5000], torch.float32)
+    model.extra = nn.Parameter(torch.randn(2049).to(torch.bfloat16))  # a second group
+    avg = BEMA(model, param_filter=ALL, backend=backend)
+    assert len(avg._groups) == 2
+    calls = []
+    if backend == "triton":
+        from emalora_fast.kernels import averager as kernels
+
+        real = kernels._averager_kernel
+
+        class Counting:
+            def __getitem__(self, grid):
+                calls.append(grid)
+                return real[grid]
+
+        monkeypatch.setattr(kernels, "_averager_kernel", Counting())
+        for _ in range(3):
+            avg.update()
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                avg.update()
+        calls = [e for e in prof.events() if e.name == "emalora_fast::averager_update"]
+    assert len(calls) == 3 * 2
+
+
+def test_update_does_not_sync_or_allocate(monkeypatch):
+    """No .item()/.cpu()/tensor construction inside update() (cpp backend, CPU)."""
+    if not dispatch.cpp_available():
+        pytest.skip("emalora_fast._C is not built")
+    model = Bag([100, 4097], torch.float32)
+    avg = BEMA(model, param_filter=ALL)
+    avg.update()
+
+    def forbidden(*a, **k):
+        raise AssertionError("host sync or allocation in update()")
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for name in ("item", "cpu", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(3):
+            avg.update()
+    allocated = sum(max(e.cpu_memory_usage, 0) for e in prof.events())
+    assert allocated == 0
+
+
+def test_storage_move_is_detected(seed):
+    model = Bag([10, 3000], torch.float32)
+    avg = EMA(model, 0.5, param_filter=ALL, backend="cpp" if dispatch.cpp_available() else "torch")
+    model.perturb(1.0)
+    avg.update()
+    expected = {k: v.double() for k, v in avg.averaged_state_dict().items()}
+    # Replace every parameter with a new tensor elsewhere in memory (as assign=True loading does).
+    new_state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(new_state, assign=True)
+    avg.update()
+    got = avg.averaged_state_dict()
+    for k in got:
+        ref = 0.5 * expected[k] + 0.5 * new_state[k].double()
+        assert_close(got[k], ref, FP32_RTOL, k)
+    # swapped() writes into the new parameters, not the old ones
+    with avg.swapped():
+        assert torch.equal(model.ps[0].detach(), got["ps.0"])
+    assert torch.equal(model.ps[0].detach(), new_state["ps.0"])
+
+
+def test_swapped_restores_even_on_error():
+    model = Bag([10, 300], torch.bfloat16)
+    avg = BEMA(model, param_filter=ALL)
+    for _ in range(4):
+        model.perturb(0.5)
+        avg.update()
+    live = [p.detach().clone() for p in model.ps]
+    averaged = avg.averaged_state_dict()
+    with pytest.raises(RuntimeError, match="boom"), avg.swapped():
+        for i, p in enumerate(model.ps):
+            assert torch.equal(p.detach(), averaged[f"ps.{i}"])
+        raise RuntimeError("boom")
+    for p, x in zip(model.ps, live):
+        assert torch.equal(p.detach(), x)
+
+
+def test_state_dict_resumes_bit_identically():
+    torch.manual_seed(1234)
+    deltas = [[torch.randn(n) * 0.1 for n in (10, 4097)] for _ in range(12)]
+
+    def run(model, avg, steps):
+        for d in steps:
+            with torch.no_grad():
+                for p, x in zip(model.ps, d):
+                    p.add_(x)
+            avg.update()
+
+    a_model = Bag([10, 4097], torch.float32)
+    b_model = Bag([10, 4097], torch.float32)
+    b_model.load_state_dict(a_model.state_dict())
+    a = BEMA(a_model, param_filter=ALL, update_after=2, update_every=2)
+    run(a_model, a, deltas[:5])
+    state = a.state_dict()
+    b_model.load_state_dict(a_model.state_dict())
+    b = BEMA(b_model, param_filter=ALL, update_after=2, update_every=2)
+    b.load_state_dict(state)
+    run(a_model, a, deltas[5:])
+    run(b_model, b, deltas[5:])
+    assert a.step == b.step == 12
+    for k, v in a.averaged_state_dict().items():
+        assert torch.equal(v, b.averaged_state_dict()[k])
+
+
+def test_load_state_dict_rejects_mismatch_and_changes_nothing():
+    model = Bag([10, 20], torch.float32)
+    avg = BEMA(model, param_filter=ALL)
+    model.perturb(0.1)
+    avg.update()
+    before = avg.state_dict()
+    other = BEMA(Bag([10, 21], torch.float32), param_filter=ALL).state_dict()
+    with pytest.raises(ValueError, match="expected shape"):
+        avg.load_state_dict(other)
+    other_hp = BEMA(Bag([10, 20], torch.float32), param_filter=ALL, lag=3.0).state_dict()
+    with pytest.raises(ValueError, match="lag"):
+        avg.load_state_dict(other_hp)
+    ema_state = EMA(Bag([10, 20], torch.float32), param_filter=ALL).state_dict()
+    with pytest.raises(ValueError, match="'ema' averager"):
+        avg.load_state_dict(ema_state)
+    after = avg.state_dict()
+    assert after["step"] == before["step"]
+    for key in ("ema", "theta0", "out"):
+        for n in before[key]:
+            assert torch.equal(before[key][n], after[key][n])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(decay=1.0), "decay"),
+        (dict(decay=0.0), "decay"),
+        (dict(decay=float("nan")), "decay"),
+        (dict(warmup_power=-1.0), "warmup_power"),
+        (dict(min_decay=0.9999), "min_decay"),
+        (dict(update_every=0), "update_every"),
+        (dict(update_after=-1), "update_after"),
+    ],
+)
+def test_bad_ema_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EMA(Bag([3], torch.float32), param_filter=ALL, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(ema_power=-0.5), "ema_power"),
+        (dict(bias_power=-1.0), "bias_power"),
+        (dict(lag=0.0), "lag"),
+        (dict(multiplier=-1.0), "multiplier"),
+        (dict(min_ema_multiplier=1.5), "min_ema_multiplier"),
+        (dict(schedule="other"), "schedule"),
+    ],
+)
+def test_bad_bema_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BEMA(Bag([3], torch.float32), param_filter=ALL, **kwargs)
+
+
+def test_bad_parameters():
+    with pytest.raises(ValueError, match="no parameters to average"):
+        EMA(Bag([3], torch.float32))  # no LoRA names
+    m = nn.Module()
+    m.w = nn.Parameter(torch.randn(4, 3).t())
+    with pytest.raises(ValueError, match="not contiguous"):
+        EMA(m, param_filter=ALL)
+    m = nn.Module()
+    m.w = nn.Parameter(torch.arange(4), requires_grad=False)
+    with pytest.raises(TypeError, match="floating"):
+        EMA(m, param_filter=ALL)
+    m = nn.Module()
+    m.w = nn.Parameter(torch.tensor([1.0, math.nan]))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        EMA(m, param_filter=ALL)
+
+
+def test_bad_step():
+    avg = EMA(Bag([3], torch.float32), param_filter=ALL)
+    with pytest.raises(ValueError, match="step"):
+        avg.update(step=-1)
+    with pytest.raises(ValueError, match="step"):
+        avg.update(step=1.5)
+    assert avg.step == 0
