@@ -11,7 +11,7 @@ TORCH_CPU ?= torch==2.13.0
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip "setuptools>=77" wheel ninja
+	$(PIP) install --quiet --upgrade pip "setuptools>=77" wheel ninja numpy
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_CPU)"
 	$(PIP) install --quiet --no-build-isolation -e ".[dev]"
 	touch $(STAMP)

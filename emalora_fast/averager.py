@@ -46,6 +46,7 @@ class _Group:
     teacher_locals: list[torch.Tensor] = field(default_factory=list)
     views: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     plan: Any = None
+    slots: list[tuple[dict, str]] = field(default_factory=list)  # first and last parameter
     fingerprint: tuple = ()
 
     @property
@@ -53,14 +54,18 @@ class _Group:
         return self.out if self.out is not None else self.ema
 
 
-def _fingerprint(params: list[nn.Parameter]) -> tuple:
-    first, last = params[0], params[-1]
-    return (
-        id(first),
-        peft_utils.local_tensor(first).data_ptr(),
-        id(last),
-        peft_utils.local_tensor(last).data_ptr(),
-    )
+def _fingerprint(slots: list[tuple[dict, str]]) -> tuple:
+    """Identity and storage of the parameters in the given (``module._parameters``, key) slots.
+
+    Two dictionary look-ups and two ``data_ptr`` reads: cheap enough for every update, and it
+    changes when the model moves (``model.to``) or its parameters are replaced
+    (``load_state_dict(assign=True)``).
+    """
+    out = []
+    for params, key in slots:
+        p = params.get(key)
+        out += [id(p), peft_utils.local_tensor(p).data_ptr() if p is not None else 0]
+    return tuple(out)
 
 
 def _split(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
@@ -185,7 +190,11 @@ class _Averager:
         if g.backend == "triton":
             kernels = _dispatch.load_triton("averager")
             g.plan = kernels.AveragerPlan(g.locals, g.teacher_locals or None)
-        g.fingerprint = _fingerprint(g.params)
+        g.slots = []
+        for name in (g.names[0], g.names[-1]):
+            owner, _, key = name.rpartition(".")
+            g.slots.append((self.model.get_submodule(owner)._parameters, key))
+        g.fingerprint = _fingerprint(g.slots)
 
     def refresh(self) -> None:
         """Re-read the model's parameters after their storage moved (``model.to(...)``,
@@ -216,10 +225,7 @@ class _Averager:
 
     def _ensure_current(self) -> None:
         for g in self._groups:
-            if _fingerprint(g.params) != g.fingerprint or any(
-                self.model.get_parameter(n) is not p
-                for n, p in ((g.names[0], g.params[0]), (g.names[-1], g.params[-1]))
-            ):
+            if _fingerprint(g.slots) != g.fingerprint:
                 self.refresh()
                 return
 

@@ -67,7 +67,7 @@ def bench_averager(device: torch.device, quick: bool) -> list[Row]:
     if device.type == "cuda":
         sets = [("tiny", None), ("llama3-8b", None)] + ([] if quick else [("llama3-70b", None)])
     else:
-        sets = [("tiny", None), ("llama3-8b", 2 if quick else 8)]
+        sets = [("tiny", None), ("llama3-8b", 8)]
     reps = 5 if quick else 20
     for model, layers in sets:
         case = model + (f"[{layers} layers]" if layers else "")

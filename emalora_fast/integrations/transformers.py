@@ -1,0 +1,70 @@
+"""Hugging Face ``transformers.Trainer`` integration of the averager.
+
+``AveragerCallback`` updates an :class:`~emalora_fast.EMA`/:class:`~emalora_fast.BEMA` after each
+optimizer step (``on_step_end`` fires once per optimizer step, after gradient accumulation) and
+saves/restores its state with the Trainer's checkpoints, so that
+``trainer.train(resume_from_checkpoint=...)`` continues the average identically.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import TrainerCallback
+
+STATE_FILE = "emalora_averager{rank}.pt"
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def state_path(checkpoint_dir: str) -> str:
+    """Where the averager's state goes inside a checkpoint folder (one file per rank)."""
+    rank = _rank()
+    return os.path.join(checkpoint_dir, STATE_FILE.format(rank=f"_rank{rank}" if rank else ""))
+
+
+class AveragerCallback(TrainerCallback):
+    """Update ``averager`` after every optimizer step; keep its state in the checkpoints.
+
+    Args:
+        averager: the EMA/BEMA of the model the Trainer trains (built on the unwrapped model).
+        resume_from_checkpoint: a checkpoint folder to restore from when it is not
+            ``<output_dir>/checkpoint-<global step>`` (where the Trainer puts its own).
+    """
+
+    def __init__(self, averager, resume_from_checkpoint: str | None = None) -> None:
+        self.averager = averager
+        self.resume_from_checkpoint = resume_from_checkpoint
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            return
+        candidates = [self.resume_from_checkpoint]
+        if isinstance(args.resume_from_checkpoint, str):
+            candidates.append(args.resume_from_checkpoint)
+        candidates.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        for folder in candidates:
+            if folder and os.path.isfile(state_path(folder)):
+                state_dict = torch.load(state_path(folder), map_location="cpu", weights_only=True)
+                self.averager.load_state_dict(state_dict)
+                return
+        if self.averager.step != state.global_step:
+            raise FileNotFoundError(
+                f"resuming at step {state.global_step}, but no averager state was found in "
+                f"{[c for c in candidates if c]}; pass AveragerCallback(resume_from_checkpoint=...)"
+            )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.averager.update(step=state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        tmp = state_path(folder) + ".tmp"
+        torch.save(self.averager.state_dict(), tmp)
+        os.replace(tmp, state_path(folder))
