@@ -22,7 +22,7 @@ test: $(STAMP)
 	bash scripts/run_tests.sh $(PY)
 
 demo: $(STAMP)
-	$(PY) -m emalora_fast demo
+	$(PY) -m emalora_fast distill --quick --run-name demo
 
 bench: $(STAMP)
 	$(PY) -m emalora_fast bench

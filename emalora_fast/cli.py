@@ -13,6 +13,37 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill(args: argparse.Namespace) -> int:
+    from .experiment import Config, ExperimentError, Interrupted, run_experiment
+
+    given = {k: v for k, v in vars(args).items() if v is not None and k in _DISTILL_KEYS}
+    cfg = Config.quick_defaults(**given) if args.quick else Config(**given)
+    try:
+        result = run_experiment(cfg, resume=args.resume)
+    except ExperimentError as exc:
+        print(f"emalora-fast distill: error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(
+            f"emalora-fast distill: interrupted ({exc}); a checkpoint is saved, continue with "
+            f"the same command and --resume",
+            file=sys.stderr,
+        )
+        return 130
+    from .experiment import summary_markdown
+
+    print(summary_markdown(cfg, result["summary"]))
+    print(f"outputs in {result['run_dir']}")
+    return 0
+
+
+_DISTILL_KEYS = {
+    "output_dir", "run_name", "model", "dataset", "seed", "steps", "pretrain_steps",
+    "eval_every", "batch_size", "seq_len", "lr", "lora_r", "divergence", "temperature",
+    "hard_label_weight", "distill_from_step", "ema_decay", "variants",
+}  # fmt: skip
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .benchmarks.report import run_bench
 
@@ -30,6 +61,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
     demo.add_argument("--output-dir", default="emalora-runs/demo", help="where the adapter goes")
     demo.set_defaults(func=_demo)
+    d = sub.add_parser(
+        "distill",
+        help="train a LoRA run plain, with an EMA teacher and with a BEMA teacher; compare",
+        description="Self-distillation experiment: LoRA vs LoRA + EMA/BEMA self-teacher.",
+    )
+    d.add_argument("--quick", action="store_true", help="a small run (under 2 min on 2 cores)")
+    d.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    d.add_argument("--output-dir", help="parent of the run folder (default ./emalora-runs)")
+    d.add_argument("--run-name", help="run folder name (default 'default', or 'quick')")
+    d.add_argument("--model", help="local path or hub id (default: embedded tiny Llama)")
+    d.add_argument("--dataset", help="local .txt/.jsonl (field 'text') or hub id")
+    d.add_argument("--seed", type=int)
+    d.add_argument("--steps", type=int, help="LoRA optimizer steps per variant")
+    d.add_argument("--pretrain-steps", type=int, help="pre-training steps of the default model")
+    d.add_argument("--eval-every", type=int)
+    d.add_argument("--batch-size", type=int)
+    d.add_argument("--seq-len", type=int)
+    d.add_argument("--lr", type=float)
+    d.add_argument("--lora-r", type=int)
+    d.add_argument("--divergence", choices=["forward_kl", "reverse_kl", "jsd"])
+    d.add_argument("--temperature", type=float)
+    d.add_argument("--hard-label-weight", type=float, help="w in (1-w)*KL + w*CE")
+    d.add_argument("--distill-from-step", type=int)
+    d.add_argument("--ema-decay", type=float)
+    d.add_argument("--variants", nargs="+", help="subset of the trained variants")
+    d.set_defaults(func=_distill)
     bench = sub.add_parser("bench", help="kernel microbenchmarks against the usual alternatives")
     bench.add_argument("--quick", action="store_true", help="small sets, a few repetitions")
     bench.add_argument("--output-dir", default="emalora-runs/bench", help="CSV/JSON/PNG go here")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 STATE_FILE = "emalora_averager{rank}.pt"
 
@@ -68,3 +68,34 @@ class AveragerCallback(TrainerCallback):
         tmp = state_path(folder) + ".tmp"
         torch.save(self.averager.state_dict(), tmp)
         os.replace(tmp, state_path(folder))
+
+
+class SelfDistillationTrainer(Trainer):
+    """A ``transformers.Trainer`` whose loss is a :class:`~emalora_fast.SelfDistiller`'s.
+
+    Args:
+        distiller: the SelfDistiller (it holds the model, the averager and the loss).
+        *args, **kwargs: as for ``Trainer``; an :class:`AveragerCallback` for the distiller's
+            averager is added unless one is given.
+
+    Gradient accumulation: the Trainer's ``num_items_in_batch`` (tokens scored over all
+    accumulated micro-batches) normalizes the loss, so accumulated gradients equal those of one
+    large batch.
+    """
+
+    def __init__(self, *args, distiller, **kwargs):
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        avg = distiller.averager
+        if avg is not None and not any(isinstance(c, AveragerCallback) for c in callbacks):
+            callbacks.append(AveragerCallback(avg))
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+        self.distiller = distiller
+        # compute_loss normalizes by num_items_in_batch itself: no further division by the
+        # number of accumulation steps.
+        self.model_accepts_loss_kwargs = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self.distiller.compute_loss(
+            inputs, step=self.state.global_step + 1, num_items_in_batch=num_items_in_batch
+        )
+        return (loss, metrics) if return_outputs else loss

@@ -1,0 +1,95 @@
+"""The averager inside a real transformers.Trainer: updates per optimizer step, checkpoint, resume."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from emalora_fast import BEMA
+from emalora_fast.integrations.transformers import AveragerCallback, state_path
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = peft.get_peft_model(
+        transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=4, target_modules="all-linear")
+    )
+    return model
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=24, seq=10):
+        g = torch.Generator().manual_seed(3)
+        self.ids = torch.randint(0, 64, (n, seq), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def make_trainer(tmp_path, model, callbacks, max_steps=6):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=max_steps,
+        save_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=100,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=callbacks)
+
+
+def test_callback_updates_checkpoints_and_resumes(tmp_path):
+    model = tiny_model()
+    avg = BEMA(model, update_every=1)
+    trainer = make_trainer(tmp_path, model, [AveragerCallback(avg)])
+    trainer.train()
+    assert avg.step == 6  # one update per optimizer step (accumulation: 2 micro-batches each)
+    assert os.path.isfile(state_path(str(tmp_path / "checkpoint-3")))
+    final = avg.state_dict()
+    live_final = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model2 = tiny_model()
+    avg2 = BEMA(model2, update_every=1)
+    trainer2 = make_trainer(tmp_path, model2, [AveragerCallback(avg2)])
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert avg2.step == 6
+    for n, p in model2.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), live_final[n], rtol=1e-6, atol=1e-7)
+    resumed = avg2.state_dict()
+    for key in ("ema", "theta0", "out"):
+        for n in final[key]:
+            torch.testing.assert_close(resumed[key][n], final[key][n], rtol=1e-6, atol=1e-7)
+
+
+def test_resume_without_averager_state_fails_clearly(tmp_path):
+    model = tiny_model()
+    avg = BEMA(model)
+    make_trainer(tmp_path, model, [AveragerCallback(avg)]).train()
+    os.remove(state_path(str(tmp_path / "checkpoint-3")))
+    model2 = tiny_model()
+    trainer2 = make_trainer(tmp_path, model2, [AveragerCallback(BEMA(model2))])
+    with pytest.raises(FileNotFoundError, match="no averager state"):
+        trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
