@@ -1,4 +1,4 @@
-"""The averager inside a real transformers.Trainer: updates per optimizer step, checkpoint, resume."""
+"""The averager in a real transformers.Trainer: one update per optimizer step, resume."""
 
 from __future__ import annotations
 
