@@ -486,3 +486,15 @@ def test_bad_step():
     with pytest.raises(ValueError, match="step"):
         avg.update(step=1.5)
     assert avg.step == 0
+
+
+def test_forced_cpp_without_extension_names_the_import_error(monkeypatch):
+    def failing(name):
+        return None, ImportError(f"no module named {name} (simulated)")
+
+    monkeypatch.setattr(dispatch, "_try_import", failing)
+    with pytest.raises(BackendUnavailableError, match="simulated"):
+        EMA(Bag([3], torch.float32), param_filter=ALL, backend="cpp")
+    # auto falls back to the pure-PyTorch path
+    avg = EMA(Bag([3], torch.float32), param_filter=ALL)
+    assert {g.backend for g in avg._groups} == {"torch"}
