@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import _dispatch, peft_utils, reference
+from .integrations import distributed
 from .schedules import BemaSchedule, bema_coefficients, ema_decay
 
 __all__ = ["EMA", "BEMA"]
@@ -93,7 +94,7 @@ class _Averager:
         _check_int("update_every", update_every, minimum=1)
         if backend not in _dispatch.BACKENDS:
             raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
-        self.model = model
+        self.model = model = distributed.unwrap_model(model)
         self.update_after = update_after
         self.update_every = update_every
         self.backend = backend
@@ -186,6 +187,12 @@ class _Averager:
                 raise ValueError(f"parameter {n} is not contiguous; the averager needs it to be")
             if g.teacher_locals and not g.teacher_locals[i].is_contiguous():
                 raise ValueError(f"teacher twin of {n} is not contiguous")
+            if g.teacher_locals and g.teacher_locals[i].shape != t.shape:
+                raise ValueError(
+                    f"teacher twin of {n} is stored as {tuple(g.teacher_locals[i].shape)}, the "
+                    f"parameter as {tuple(t.shape)}: shard both alike (add the teacher adapter, "
+                    "or create the averager, before fully_shard)"
+                )
         g.plan = None
         if g.backend == "triton":
             kernels = _dispatch.load_triton("averager")
@@ -216,18 +223,30 @@ class _Averager:
             }
         state = self._state_tensors()
         for n in self._names:
-            _check_param(n, params[n])
-            if peft_utils.local_tensor(params[n]).shape != state["ema"][n].shape:
-                raise RuntimeError(f"parameter {n} changed shape; create a new averager")
+            p = params[n]
+            _check_param(n, p)
+            if peft_utils.local_tensor(p).shape == state["ema"][n].shape:
+                continue
+            if distributed.is_dtensor(p) and p.shape == state["ema"][n].shape:
+                # Created before fully_shard: keep this rank's part of the full state.
+                for key in ("ema", "theta0", "out"):
+                    if key in state:
+                        state[key][n] = distributed.shard_like(state[key][n], p)
+                continue
+            raise RuntimeError(f"parameter {n} changed shape; create a new averager")
         self._groups = self._make_groups(
             params, teachers, state["ema"], state.get("theta0"), state.get("out"), state["flag"]
         )
 
+    def _stale(self) -> bool:
+        return any(_fingerprint(g.slots) != g.fingerprint for g in self._groups)
+
     def _ensure_current(self) -> None:
-        for g in self._groups:
-            if _fingerprint(g.slots) != g.fingerprint:
+        if self._stale():
+            # FSDP2 registers unsharded copies of the parameters after a forward (the root
+            # module until the backward ends): put the sharded ones back before concluding.
+            if not distributed.reshard_fsdp(self.model) or self._stale():
                 self.refresh()
-                return
 
     # ----------------------------------------------------------------------------------------
     # The update
@@ -319,10 +338,11 @@ class _Averager:
                 shadow itself is returned as a copy when ``dtype=torch.float32``).
         Under FSDP2 the tensors are DTensors placed like the parameters.
         """
+        self._ensure_current()
         result = {}
         for name, p, avg in self._iter_averaged():
             t = avg.to(dtype or p.dtype, copy=True)
-            if hasattr(p, "to_local"):
+            if distributed.is_dtensor(p):
                 from torch.distributed.tensor import DTensor
 
                 t = DTensor.from_local(
@@ -335,10 +355,12 @@ class _Averager:
     def copy_to(self, model: nn.Module | None = None) -> None:
         """Write the averaged weights into ``model``'s parameters of the same names (default:
         the averaged model itself)."""
+        model = None if model is None else distributed.unwrap_model(model)
         if model is None or model is self.model:
             self._ensure_current()
             for g in self._groups:
                 torch._foreach_copy_(g.locals, g.views["out" if self._is_bema else "ema"])
+            distributed.reshard_fsdp(self.model)  # FSDP2: the next forward gathers the shards
             return
         params = dict(model.named_parameters())
         missing = [n for n in self._names if n not in params]
@@ -346,11 +368,13 @@ class _Averager:
             raise ValueError(f"model has no parameters named {missing[:3]}")
         for name, _, avg in self._iter_averaged():
             peft_utils.local_tensor(params[name]).copy_(avg)
+        distributed.reshard_fsdp(model)
 
     @contextmanager
     def swapped(self) -> Iterator[nn.Module]:
         """Run the body with the averaged weights in the model; the live weights come back
-        afterwards, bit for bit, also when the body raises."""
+        afterwards, bit for bit, also when the body raises. Under FSDP2 each rank swaps its
+        shards, and forwards in the body gather the averaged weights."""
         self._ensure_current()
         with torch.no_grad():
             backups = [[t.clone() for t in g.locals] for g in self._groups]
@@ -361,6 +385,7 @@ class _Averager:
             with torch.no_grad():
                 for g, b in zip(self._groups, backups, strict=True):
                     torch._foreach_copy_(g.locals, b)
+            distributed.reshard_fsdp(self.model)  # FSDP2: drop copies gathered in the body
 
     @contextmanager
     def teacher(self) -> Iterator[nn.Module]:
@@ -374,7 +399,12 @@ class _Averager:
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Save the averaged weights: a peft adapter (``adapter_model.safetensors`` and
         ``adapter_config.json``, loadable with ``PeftModel.from_pretrained``) for a peft model,
-        else ``averaged.safetensors`` with :meth:`averaged_state_dict`."""
+        else ``averaged.safetensors`` with :meth:`averaged_state_dict`.
+
+        Under FSDP2 call it on every rank: they all take part in one gather of the averaged
+        tensors (the only communication of the averager), rank 0 writes, and every rank returns
+        once the files are written. Otherwise (DDP included) it writes where it is called.
+        """
         save_directory = os.fspath(save_directory)
         os.makedirs(save_directory, exist_ok=True)
         if peft_utils.is_peft_model(self.model):
@@ -384,8 +414,15 @@ class _Averager:
             return
         from safetensors.torch import save_file
 
-        tensors = {n: t.contiguous() for n, t in self.averaged_state_dict().items()}
-        save_file(tensors, os.path.join(save_directory, "averaged.safetensors"))
+        path = os.path.join(save_directory, "averaged.safetensors")
+        tensors = self.averaged_state_dict()
+        if not any(distributed.is_dtensor(t) for t in tensors.values()):
+            save_file({n: t.contiguous() for n, t in tensors.items()}, path)
+            return
+        tensors = distributed.full_tensors(tensors)  # FSDP2: every rank gathers, rank 0 writes
+        if distributed.is_main_process():
+            save_file({n: t.contiguous() for n, t in tensors.items()}, path)
+        distributed.barrier()
 
     # ----------------------------------------------------------------------------------------
     # State
@@ -495,7 +532,8 @@ class EMA(_Averager):
     ``d = clip(1 - (1 + s/warmup_gamma) ** -warmup_power, min_decay, decay)`` (timm, ema-pytorch).
 
     Args:
-        model: a ``PeftModel`` or any module.
+        model: a ``PeftModel`` or any module; a DDP, DataParallel, FSDP1, DeepSpeed or
+            ``torch.compile`` wrapper is unwrapped (names are the inner module's).
         decay: the decay, in (0, 1).
         update_after: steps during which the shadow copies the weights.
         update_every: update every this many steps.
@@ -596,7 +634,8 @@ class BEMA(_Averager):
     ``alpha = (1 + t_e) ** -bias_power``. The averaged weights are ``bema``.
 
     Args:
-        model: a ``PeftModel`` or any module.
+        model: a ``PeftModel`` or any module; a DDP, DataParallel, FSDP1, DeepSpeed or
+            ``torch.compile`` wrapper is unwrapped (names are the inner module's).
         ema_power: kappa (>= 0).
         bias_power: eta (>= 0; 0 keeps alpha at 1).
         lag: rho (> 0).

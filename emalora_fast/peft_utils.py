@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from .integrations import distributed
 
 ParamFilter = Callable[[str, nn.Parameter], bool]
 
@@ -20,7 +23,13 @@ _LORA_NAME = re.compile(r"\.lora_[AB]\.([^.]+)\.")
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "set_adapter")
+    """A peft ``PeftModel`` (FSDP2's ``fully_shard`` keeps it one). The transformers model inside
+    also has ``peft_config`` and ``set_adapter``, but its ``save_pretrained`` saves the model."""
+    if "peft" not in sys.modules:  # nothing can be a PeftModel before peft is imported
+        return False
+    import peft
+
+    return isinstance(model, (peft.PeftModel, peft.PeftMixedModel))
 
 
 def default_lora_filter(name: str, param: nn.Parameter) -> bool:
@@ -74,6 +83,12 @@ def add_teacher_adapter(
         raise ValueError(f"teacher_adapter must differ from the live adapter {live!r}")
     flags = {id(p): p.requires_grad for p in model.parameters()}
     active = list(model.active_adapters)
+    if teacher_adapter not in model.peft_config and distributed.has_dtensor_parameters(model):
+        raise ValueError(
+            f"cannot add teacher adapter {teacher_adapter!r} to a sharded (FSDP2) model: its "
+            "tensors would not be sharded; create the averager, or add the adapter, before "
+            "fully_shard"
+        )
     if teacher_adapter not in model.peft_config:
         model.add_adapter(teacher_adapter, copy.deepcopy(model.peft_config[live]))
     params = dict(model.named_parameters())
@@ -112,7 +127,21 @@ def adapter_active(model: nn.Module, adapter: str) -> Iterator[nn.Module]:
 
 
 def save_adapter(model: nn.Module, save_directory: str, adapter: str, **kwargs) -> None:
-    """Write one adapter of a peft model as a standalone peft adapter directory."""
+    """Write one adapter of a peft model as a standalone peft adapter directory.
+
+    With DTensor (FSDP2) parameters call it on every rank: all gather the adapter's tensors
+    (only those), rank 0 writes, and all return once it has written.
+    """
+    if distributed.has_dtensor_parameters(model):
+        kwargs["state_dict"] = distributed.adapter_full_state_dict(model, adapter)
+        if distributed.is_main_process():
+            _write_adapter(model, save_directory, adapter, **kwargs)
+        distributed.barrier()
+        return
+    _write_adapter(model, save_directory, adapter, **kwargs)
+
+
+def _write_adapter(model: nn.Module, save_directory: str, adapter: str, **kwargs) -> None:
     model.save_pretrained(save_directory, selected_adapters=[adapter], **kwargs)
     if adapter != "default":
         # peft writes a non-default adapter into a sub-folder; move it up so that
