@@ -77,7 +77,10 @@ class SelfDistiller:
             raise ValueError(
                 f"distill_from_step must be an integer >= 0, got {distill_from_step!r}"
             )
-        self.model = model
+        from .integrations.distributed import unwrap_model
+
+        self.forward_model = model
+        self.model = unwrap_model(model)
         self.averager = averager
         self.loss = loss if loss is not None else DistillationLoss()
         if hard_label_weight is not None:
@@ -86,7 +89,7 @@ class SelfDistiller:
             self.loss = self.loss.with_options(hard_label_weight=hard_label_weight)
         self.teacher = teacher
         self.distill_from_step = distill_from_step
-        self._head = _output_head(model)
+        self._head = _output_head(self.model)
         if fused_linear == "auto":
             fused_linear = self._head is not None
         elif fused_linear and self._head is None:
@@ -104,12 +107,21 @@ class SelfDistiller:
                 yield
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Hidden states [B, S, H] (fused-linear path) or logits [B, S, V]."""
+        """Hidden states [B, S, H] (fused-linear path) or logits [B, S, V].
+
+        The forward goes through the model as given (a DDP/Accelerate wrapper included, so that
+        gradient synchronization happens); for hidden states the output head is swapped for an
+        identity during the call, so the logits are never formed.
+        """
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-        if self.fused_linear:
-            backbone = _backbone(self.model)
-            return backbone(**inputs).last_hidden_state
-        return self.model(**inputs).logits
+        if not self.fused_linear:
+            return self.forward_model(**inputs).logits
+        base = _base(self.model)
+        base.set_output_embeddings(nn.Identity())
+        try:
+            return self.forward_model(**inputs).logits
+        finally:
+            base.set_output_embeddings(self._head)
 
     def compute_loss(
         self,
@@ -183,18 +195,13 @@ def _base(model: nn.Module) -> nn.Module:
     return get_base() if get_base is not None else model
 
 
-def _backbone(model: nn.Module) -> nn.Module:
-    base = _base(model)
-    return getattr(base, base.base_model_prefix)
-
-
 def _output_head(model: nn.Module) -> nn.Linear | None:
-    """The plain ``nn.Linear`` output head of a causal LM, or None (adapted, capped, missing)."""
+    """The plain ``nn.Linear`` output head of a causal LM, or None (LoRA-adapted, soft-capped,
+    missing, or not replaceable)."""
     base = _base(model)
     get = getattr(base, "get_output_embeddings", None)
     head = get() if get is not None else None
-    prefix = getattr(base, "base_model_prefix", None)
-    if type(head) is not nn.Linear or not prefix or not hasattr(base, prefix):
+    if type(head) is not nn.Linear or not hasattr(base, "set_output_embeddings"):
         return None
     if getattr(getattr(base, "config", None), "final_logit_softcapping", None):
         return None

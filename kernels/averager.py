@@ -95,33 +95,30 @@ class AveragerPlan:
         device, dtype = params[0].device, params[0].dtype
         if dtype not in _TL_DTYPES:
             raise TypeError(f"unsupported parameter dtype {dtype}")
-        numels = [p.numel() for p in params]
-        starts = [0]
-        for n in numels[:-1]:
-            starts.append(starts[-1] + n)
-        block_tensor, block_offset = [], []
-        for i, n in enumerate(numels):
-            for off in range(0, n, BLOCK):
-                block_tensor.append(i)
-                block_offset.append(off)
+        numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+        starts = torch.cumsum(numels, 0) - numels
+        blocks = (numels + BLOCK - 1) // BLOCK  # blocks per tensor (0 for empty tensors)
+        block_tensor = torch.repeat_interleave(torch.arange(len(params)), blocks)
+        first_block = torch.cumsum(blocks, 0) - blocks
+        block_offset = (
+            torch.arange(block_tensor.numel()) - torch.repeat_interleave(first_block, blocks)
+        ) * BLOCK
         self.device = device
-        self.numel = sum(numels)
-        self.num_blocks = len(block_tensor)
+        self.numel = int(numels.sum())
+        self.num_blocks = block_tensor.numel()
         self.param_dtype = _TL_DTYPES[dtype]
         self.teacher_dtype = _TL_DTYPES[teachers[0].dtype] if teachers else self.param_dtype
 
-        def table(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(device)
+        def pointers(tensors):
+            return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device)
 
-        self.param_ptrs = table([p.data_ptr() for p in params], torch.int64)
-        self.teacher_ptrs = (
-            table([p.data_ptr() for p in teachers], torch.int64) if teachers else self.param_ptrs
-        )
+        self.param_ptrs = pointers(params)
+        self.teacher_ptrs = pointers(teachers) if teachers else self.param_ptrs
         self.has_teacher = bool(teachers)
-        self.tensor_start = table(starts, torch.int64)
-        self.tensor_numel = table(numels, torch.int64)
-        self.block_tensor = table(block_tensor, torch.int32)
-        self.block_offset = table(block_offset, torch.int64)
+        self.tensor_start = starts.to(device)
+        self.tensor_numel = numels.to(device)
+        self.block_tensor = block_tensor.to(device, torch.int32)
+        self.block_offset = block_offset.to(device)
 
 
 def averager_update(
