@@ -13,7 +13,8 @@
 //             2. (JSD only) KL(p||M) and KL(q||M) with log M = logaddexp(log beta + log p,
 //                log(1-beta) + log q).
 //   backward: one pass writing dL/ds (optionally over the student buffer itself).
-// stats[row] = {LSE(a), LSE(b), aux, LSE(s)}: aux = KL(q||p) (reverse), KL(q||M) (JSD).
+// stats[row] = {m_a, ld_a, m_b, ld_b, m_s, ld_s, aux}, LSE(x) = m_x + ld_x kept in two parts (see
+// LogZ); aux = KL(q||p) (reverse KL) or KL(q||M) (JSD).
 #include "common.h"
 
 #include <ATen/Dispatch.h>
@@ -23,14 +24,17 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 
 namespace emalora_fast {
 namespace {
 
 enum Divergence : int64_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
-constexpr int64_t kStats = 4;  // LSE(a), LSE(b), aux, LSE(s)
+// Per row: the log-normalizers of a, b and s as (max, log sum e^(x - max)) pairs, then aux.
+constexpr int64_t kStats = 7;  // m_a, ld_a, m_b, ld_b, m_s, ld_s, aux
 
 struct Options {
   int64_t divergence;
@@ -54,15 +58,20 @@ namespace isa_avx2 {
 #pragma GCC pop_options
 #endif
 
-// The AVX2 + FMA build of the row loops where the CPU has them (decided once, at run time).
+// The AVX2 + FMA build of the row loops where the CPU has them, decided once per process at run
+// time; EMALORA_DISABLE_AVX2 (set to anything) forces the baseline build, e.g. to test it.
 bool use_avx2() {
 #ifdef EMALORA_HAVE_AVX2_ROWS
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                        std::getenv("EMALORA_DISABLE_AVX2") == nullptr;
   return ok;
 #else
   return false;
 #endif
 }
+
+// Which build of the row loops runs here: "avx2" or "baseline" (for tests and benchmark notes).
+std::string distill_loss_cpu_isa() { return use_avx2() ? "avx2" : "baseline"; }
 
 template <typename S, typename T, typename A>
 void forward_dispatch(const at::Tensor& s, const at::Tensor& t, const int64_t* labels,
@@ -223,6 +232,7 @@ TORCH_LIBRARY_FRAGMENT(emalora_fast, m) {
       "distill_loss_bwd_(Tensor(a!) student, Tensor teacher, Tensor? labels, Tensor stats, "
       "Tensor grad_rows, int divergence, float beta, float temperature, float div_scale, "
       "float ce_scale, int ignore_index) -> ()");
+  m.def("distill_loss_cpu_isa() -> str", &distill_loss_cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(emalora_fast, CPU, m) {

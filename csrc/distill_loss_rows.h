@@ -81,8 +81,17 @@ inline float vlog(float x) {
   return m + y + e * 0.693359375f;
 }
 
+// log(1 + u) for u >= 0 without losing u's low bits to the rounding of 1 + u: with w = 1 + u
+// rounded, log(w) * u / (w - 1) is accurate to a few ulp (Goldberg's correction).
+inline float vlog1p(float u) {
+  const float w = 1.0f + u;
+  const float d = w - 1.0f;
+  return select(d == 0.0f, u, vlog(w) * (u / select(d == 0.0f, 1.0f, d)));
+}
+
 inline double vexp(double x) { return std::exp(x); }
 inline double vlog(double x) { return std::log(x); }
+inline double vlog1p(double u) { return std::log1p(u); }
 
 template <typename A>
 constexpr A kNegInf = -std::numeric_limits<A>::infinity();
@@ -93,17 +102,20 @@ inline A shift_of(A m) {
   return m == kNegInf<A> ? A(0) : m;
 }
 
+// A row's log-normalizer kept as max + log(sum e^(x - max)) in two parts: log-probabilities are
+// formed as (x - m) - ld, which is exact in x - m for the entries that matter (like
+// log_softmax), where x - (m + ld) would round the sum at the magnitude of m.
 template <typename A>
-inline A lse_of(A m, A d) {
-  return m == kNegInf<A> ? m : m + vlog(d);
-}
+struct LogZ {
+  A m, ld;
+};
 
 // log(exp(x) + exp(y)), -inf when both are -inf.
 template <typename A>
 inline A logaddexp(A x, A y) {
   const bool x_big = x > y;
   const A mx = select(x_big, x, y), mn = select(x_big, y, x);
-  return select(mx == kNegInf<A>, mx, mx + vlog(A(1) + vexp(mn - mx)));
+  return select(mx == kNegInf<A>, mx, mx + vlog1p(vexp(mn - mx)));
 }
 
 
@@ -125,12 +137,17 @@ inline void load_chunk(const S* s, const T* t, int64_t n, A inv_t, A* r, A* b, A
   bmax = mb;
 }
 
+// Sums over a row are taken in blocks of kSub entries (vector lanes, each adding kSub / width
+// terms in order), and the block sums are added in double: the sums then carry about the error of
+// a pairwise sum, like torch's own reductions, at the cost of one horizontal add per block.
+constexpr int64_t kSub = 128;
+
+// Running (max, sum e^(x - max)) pairs of a row; the sums in double.
 template <typename A>
 struct Online {
-  A ma = kNegInf<A>, da = 0;  // student a = s / T
-  A mb = kNegInf<A>, db = 0;  // teacher b = t / T
-  A mr = kNegInf<A>, dr = 0;  // raw student s (CE with T != 1)
-  A x = 0;                    // S (forward KL, scale m_b) or R (reverse KL, scale m_a)
+  A ma = kNegInf<A>, mb = kNegInf<A>, mr = kNegInf<A>;  // a = s / T, b = t / T, raw s
+  double da = 0, db = 0, dr = 0;
+  double x = 0;  // S (forward KL, scale m_b) or R (reverse KL, scale m_a)
 };
 
 // Pass 1 over one chunk: fold it into the running (max, sum) pairs and S / R.
@@ -139,23 +156,32 @@ void stats_chunk(const A* r, const A* b, int64_t n, A inv_t, A rmax, A bmax, Onl
   const A ma = std::max(st.ma, rmax * inv_t), mb = std::max(st.mb, bmax);
   const A sa = shift_of(ma), sb = shift_of(mb);
   const A mr = std::max(st.mr, rmax), sr = shift_of(mr);
-  A sum_a = 0, sum_b = 0, sum_x = 0, sum_r = 0;
-#pragma omp simd reduction(+ : sum_a, sum_b, sum_x, sum_r)
-  for (int64_t i = 0; i < n; ++i) {
-    const A a = r[i] * inv_t;
-    const A ea = vexp(a - sa), eb = vexp(b[i] - sb);
-    sum_a += ea;
-    sum_b += eb;
-    if constexpr (DIV == kForwardKL) sum_x += select(b[i] > kNegInf<A>, eb * (b[i] - a), A(0));
-    if constexpr (DIV == kReverseKL) sum_x += select(a > kNegInf<A>, ea * (a - b[i]), A(0));
-    if constexpr (RAW) sum_r += vexp(r[i] - sr);
+  double sum_a = 0, sum_b = 0, sum_x = 0, sum_r = 0;
+  for (int64_t j = 0; j < n; j += kSub) {
+    const int64_t e = std::min(n, j + kSub);
+    A pa = 0, pb = 0, px = 0, pr = 0;
+#pragma omp simd reduction(+ : pa, pb, px, pr)
+    for (int64_t i = j; i < e; ++i) {
+      const A a = r[i] * inv_t;
+      const A ea = vexp(a - sa), eb = vexp(b[i] - sb);
+      pa += ea;
+      pb += eb;
+      if constexpr (DIV == kForwardKL) px += select(b[i] > kNegInf<A>, eb * (b[i] - a), A(0));
+      if constexpr (DIV == kReverseKL) px += select(a > kNegInf<A>, ea * (a - b[i]), A(0));
+      if constexpr (RAW) pr += vexp(r[i] - sr);
+    }
+    sum_a += pa;
+    sum_b += pb;
+    sum_x += px;
+    sum_r += pr;
   }
-  const A ca = vexp(st.ma - sa), cb = vexp(st.mb - sb);
+  // Rescale the running sums to the new maxima (exp(-inf) = 0 while nothing was finite).
+  const double ca = std::exp(double(st.ma) - double(sa)), cb = std::exp(double(st.mb) - double(sb));
   st.da = st.da * ca + sum_a;
   st.db = st.db * cb + sum_b;
   if constexpr (DIV == kForwardKL) st.x = st.x * cb + sum_x;
   if constexpr (DIV == kReverseKL) st.x = st.x * ca + sum_x;
-  if constexpr (RAW) st.dr = st.dr * vexp(st.mr - sr) + sum_r;
+  if constexpr (RAW) st.dr = st.dr * std::exp(double(st.mr) - double(sr)) + sum_r;
   st.ma = ma;
   st.mb = mb;
   st.mr = mr;
@@ -163,24 +189,29 @@ void stats_chunk(const A* r, const A* b, int64_t n, A inv_t, A rmax, A bmax, Onl
 
 // Pass 2 of JSD over one chunk: sum p (log p - log M) and sum q (log q - log M).
 template <typename A>
-void jsd_chunk(const A* r, const A* b, int64_t n, A inv_t, A lse_a, A lse_b, A log_beta,
-               A log_1mbeta, A& kl_pm, A& kl_qm) {
-  A s_pm = 0, s_qm = 0;
+void jsd_chunk(const A* r, const A* b, int64_t n, A inv_t, LogZ<A> za, LogZ<A> zb, A log_beta,
+               A log_1mbeta, double& kl_pm, double& kl_qm) {
+  for (int64_t j = 0; j < n; j += kSub) {
+    const int64_t e = std::min(n, j + kSub);
+    A s_pm = 0, s_qm = 0;
 #pragma omp simd reduction(+ : s_pm, s_qm)
-  for (int64_t i = 0; i < n; ++i) {
-    const A lq = r[i] * inv_t - lse_a, lp = b[i] - lse_b;
-    const A q = vexp(lq), p = vexp(lp);
-    const A lm = logaddexp(log_beta + lp, log_1mbeta + lq);
-    s_pm += select(p > A(0), p * (lp - lm), A(0));
-    s_qm += select(q > A(0), q * (lq - lm), A(0));
+    for (int64_t i = j; i < e; ++i) {
+      const A lq = (r[i] * inv_t - za.m) - za.ld, lp = (b[i] - zb.m) - zb.ld;
+      const A q = vexp(lq), p = vexp(lp);
+      const A lm = logaddexp(log_beta + lp, log_1mbeta + lq);
+      s_pm += select(p > A(0), p * (lp - lm), A(0));
+      s_qm += select(q > A(0), q * (lq - lm), A(0));
+    }
+    kl_pm += s_pm;
+    kl_qm += s_qm;
   }
-  kl_pm += s_pm;
-  kl_qm += s_qm;
 }
 
 template <typename A>
 struct RowGrad {
-  A inv_t, lse_a, lse_b, aux, lse_r;
+  A inv_t;
+  LogZ<A> za, zb, zr;
+  A aux;
   A div_coef;  // dL/drow * div_scale / T
   A ce_coef;   // dL/drow * ce_scale
   A one_m_beta, log_beta, log_1mbeta;
@@ -190,12 +221,13 @@ struct RowGrad {
 template <typename A, int64_t DIV, bool CE>
 void grad_chunk(const A* __restrict r, const A* __restrict b, int64_t n, const RowGrad<A>& k,
                 A* __restrict g) {
-  const A inv_t = k.inv_t, lse_a = k.lse_a, lse_b = k.lse_b, aux = k.aux, lse_r = k.lse_r;
+  const A inv_t = k.inv_t, ma = k.za.m, lda = k.za.ld, mb = k.zb.m, ldb = k.zb.ld;
+  const A mr = k.zr.m, ldr = k.zr.ld, aux = k.aux;
   const A div_coef = k.div_coef, ce_coef = k.ce_coef, one_m_beta = k.one_m_beta;
   const A log_beta = k.log_beta, log_1mbeta = k.log_1mbeta;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const A lq = r[i] * inv_t - lse_a, lp = b[i] - lse_b;
+    const A lq = (r[i] * inv_t - ma) - lda, lp = (b[i] - mb) - ldb;
     const A q = vexp(lq);
     A gd = 0;
     if constexpr (DIV == kForwardKL) {
@@ -207,7 +239,7 @@ void grad_chunk(const A* __restrict r, const A* __restrict b, int64_t n, const R
       gd = select(q > A(0), one_m_beta * q * ((lq - lm) - aux), A(0));
     }
     A gi = div_coef * gd;
-    if constexpr (CE) gi += ce_coef * vexp(r[i] - lse_r);
+    if constexpr (CE) gi += ce_coef * vexp((r[i] - mr) - ldr);
     g[i] = gi;
   }
 }
@@ -242,33 +274,34 @@ void forward_rows(const at::Tensor& student, const at::Tensor& teacher, const in
         load_chunk<S, T, A>(s + c0, t + c0, n, inv_t, r, b, rmax, bmax);
         stats_chunk<A, DIV, RAW>(r, b, n, inv_t, rmax, bmax, on);
       }
-      const A lse_a = lse_of(on.ma, on.da), lse_b = lse_of(on.mb, on.db);
-      const A lse_r = RAW ? lse_of(on.mr, on.dr) : lse_a;
+      const double ld_a = std::log(on.da), ld_b = std::log(on.db);
+      const LogZ<A> za{on.ma, A(ld_a)}, zb{on.mb, A(ld_b)};
+      const LogZ<A> zr = RAW ? LogZ<A>{on.mr, A(std::log(on.dr))} : za;  // a == s when T == 1
+      // LSE(a) - LSE(b), differences first.
+      const double dlse = (double(za.m) - double(zb.m)) + (ld_a - ld_b);
       A div = 0, aux = 0;
       if constexpr (DIV == kForwardKL) {
-        div = on.x / on.db + lse_a - lse_b;
+        div = A(on.x / on.db + dlse);
       } else if constexpr (DIV == kReverseKL) {
-        div = on.x / on.da - lse_a + lse_b;
+        div = A(on.x / on.da - dlse);
         aux = div;
       } else {
         const A log_beta = std::log(beta), log_1mbeta = std::log1p(-beta);
-        A kl_pm = 0, kl_qm = 0;
+        double kl_pm = 0, kl_qm = 0;
         for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
           const int64_t n = std::min(kChunk, V - c0);
           A rmax, bmax;
           load_chunk<S, T, A>(s + c0, t + c0, n, inv_t, r, b, rmax, bmax);
-          jsd_chunk<A>(r, b, n, inv_t, lse_a, lse_b, log_beta, log_1mbeta, kl_pm, kl_qm);
+          jsd_chunk<A>(r, b, n, inv_t, za, zb, log_beta, log_1mbeta, kl_pm, kl_qm);
         }
-        div = beta * kl_pm + (A(1) - beta) * kl_qm;
-        aux = kl_qm;
+        div = A(double(beta) * kl_pm + (1.0 - double(beta)) * kl_qm);
+        aux = A(kl_qm);
       }
       A out = static_cast<A>(o.div_scale) * div;
-      if (o.ce) out += static_cast<A>(o.ce_scale) * (lse_r - static_cast<A>(s[label]));
+      if (o.ce) out += static_cast<A>(o.ce_scale) * ((zr.m - static_cast<A>(s[label])) + zr.ld);
       loss[row] = out;
-      st_out[0] = lse_a;
-      st_out[1] = lse_b;
-      st_out[2] = aux;
-      st_out[3] = lse_r;
+      const A row_stats[kStats] = {za.m, za.ld, zb.m, zb.ld, zr.m, zr.ld, aux};
+      std::copy(row_stats, row_stats + kStats, st_out);
     }
   });
 }
@@ -300,10 +333,10 @@ void backward_rows(const at::Tensor& student, const at::Tensor& teacher, const i
       const A* st = stats + row * kStats;
       const A go = grad_rows[row];
       RowGrad<A> k{inv_t,
-                   st[0],
-                   st[1],
-                   st[2],
-                   st[3],
+                   {st[0], st[1]},
+                   {st[2], st[3]},
+                   {st[4], st[5]},
+                   st[6],
                    go * static_cast<A>(o.div_scale) * inv_t,
                    go * static_cast<A>(o.ce_scale),
                    A(1) - beta,
