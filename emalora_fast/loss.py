@@ -413,8 +413,12 @@ def distillation_loss(
         temperature: T > 0; divides both logit sets.
         scale_by_temperature_squared: multiply the divergence term by T**2 (Hinton et al.); the
             cross-entropy term is not scaled.
-        labels: [...] integer labels (the logits' leading shape) or None. They mask rows, and
-            they are the targets of the cross-entropy term.
+        labels: [...] integer labels (the logits' leading shape) or None; label i belongs to
+            row i (shift them beforehand for causal LM logits). They mask rows and are the
+            targets of the cross-entropy term. With ``hard_label_weight > 0`` a label outside
+            [0, V) on a row that is not ignored is an error: the cpp and torch backends raise,
+            the Triton kernels (which cannot raise without a device sync) give that row a NaN
+            loss and gradient.
         ignore_index: label value of rows to skip.
         reduction: ``"batchmean"`` (sum over rows / valid rows, or / ``num_items_in_batch``),
             ``"mean"`` (sum / (valid rows * V)), ``"sum"``, or ``"none"`` (per-row loss of the

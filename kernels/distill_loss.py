@@ -304,7 +304,7 @@ def distill_loss_fwd(
     ce_scale: float,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss [N] and row statistics [N, 4] (fp32) of logits [N, V]; one launch."""
+    """Per-row loss [N] and row statistics [N, 7] (fp32) of logits [N, V]; one launch."""
     _check(student, teacher, labels)
     n, vocab = student.shape
     loss = torch.empty(n, dtype=torch.float32, device=student.device)
