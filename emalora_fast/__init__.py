@@ -6,7 +6,9 @@
 
 from ._dispatch import BackendUnavailableError
 from .averager import BEMA, EMA
+from .loss import DistillationLoss, distillation_loss
 from .schedules import bema_coefficients, ema_decay
+from .self_distill import SelfDistiller
 
 __version__ = "0.1.0"
 
@@ -14,6 +16,9 @@ __all__ = [
     "BEMA",
     "EMA",
     "BackendUnavailableError",
+    "DistillationLoss",
+    "SelfDistiller",
     "bema_coefficients",
+    "distillation_loss",
     "ema_decay",
 ]

@@ -5,9 +5,11 @@ Readability over speed; every function works in whatever floating dtype its stat
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["averager_update_"]
+__all__ = ["averager_update_", "distillation_loss_reference"]
 
 
 @torch.no_grad()
@@ -68,3 +70,118 @@ def averager_update_(
         if teachers is not None:
             t = teachers[i]
             t.copy_(torch.where(ok, avg, t.to(avg.dtype)).reshape(t.shape))
+
+
+def _masked_mul(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``w * x`` with 0 where ``w == 0`` (so 0 * inf is 0), safe for autograd."""
+    nz = w > 0
+    return torch.where(nz, w * torch.where(nz, x, torch.zeros_like(x)), torch.zeros_like(w))
+
+
+def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    """log(beta * p + (1 - beta) * q) as a logaddexp of log-probabilities, -inf where both are 0."""
+    x = log_p + math.log(beta)
+    y = log_q + math.log1p(-beta)
+    both_zero = torch.isneginf(x) & torch.isneginf(y)
+    safe_x = torch.where(both_zero, torch.zeros_like(x), x)
+    safe_y = torch.where(both_zero, torch.zeros_like(y), y)
+    return torch.where(both_zero, x, torch.logaddexp(safe_x, safe_y))
+
+
+def distillation_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    scale_by_temperature_squared: bool = False,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    hard_label_weight: float = 0.0,
+) -> torch.Tensor:
+    """Teacher-student distillation loss, materializing every [N, V] term (the test oracle).
+
+    Computes in the dtype of ``student_logits`` (pass float64 tensors for the oracle); the teacher
+    is cast to it. Differentiable in the student logits through ordinary autograd. With
+    ``a = s / T``, ``b = t / T``, ``log q = log_softmax(a)``, ``log p = log_softmax(b)`` per row::
+
+        forward_kl = sum_v p_v (log p_v - log q_v)                      KL(p || q)
+        reverse_kl = sum_v q_v (log q_v - log p_v)                      KL(q || p)
+        jsd        = beta KL(p || M) + (1 - beta) KL(q || M),  M = beta p + (1 - beta) q
+                     (beta = 0 is forward_kl and beta = 1 is reverse_kl)
+        row loss   = (1 - w) c D + w CE,  c = T**2 if scale_by_temperature_squared else 1,
+                     CE = logsumexp(s) - s[label]   (raw logits, T = 1)
+
+    Terms with a zero weight (p_v = 0 or q_v = 0) contribute 0, so -inf logits stay finite.
+    Rows whose label is ``ignore_index`` contribute 0. Reductions: ``batchmean`` = sum / valid
+    rows (or / ``num_items_in_batch``), ``mean`` = sum / (valid rows * V), ``sum``, ``none``
+    (per-row loss, shape ``student_logits.shape[:-1]``). Denominators are clamped to at least 1.
+
+    Args:
+        student_logits: [..., V] logits s.
+        teacher_logits: [..., V] logits t.
+        divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
+        beta: JSD interpolation weight in [0, 1].
+        temperature: T > 0 dividing both logit sets.
+        scale_by_temperature_squared: multiply the divergence by T**2.
+        labels: [...] integer labels or None.
+        ignore_index: label value of rows to skip.
+        reduction: ``"batchmean"``, ``"mean"``, ``"sum"`` or ``"none"``.
+        num_items_in_batch: divisor of the summed loss for ``batchmean``.
+        hard_label_weight: weight w of the cross-entropy term.
+
+    Returns:
+        The reduced loss (0-dim), or the per-row loss for ``reduction="none"``.
+    """
+    dtype = student_logits.dtype
+    vocab = student_logits.shape[-1]
+    s = student_logits.reshape(-1, vocab)
+    t = teacher_logits.reshape(-1, vocab).to(dtype)
+    a = s / temperature
+    b = t / temperature
+    log_q = torch.log_softmax(a, dim=-1)
+    log_p = torch.log_softmax(b, dim=-1)
+    q = log_q.exp()
+    p = log_p.exp()
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "forward_kl"
+    if divergence == "jsd" and beta == 1.0:
+        divergence = "reverse_kl"
+    if divergence == "forward_kl":
+        div = _masked_mul(p, log_p - log_q).sum(-1)
+    elif divergence == "reverse_kl":
+        div = _masked_mul(q, log_q - log_p).sum(-1)
+    elif divergence == "jsd":
+        log_m = _log_mixture(log_p, log_q, beta)
+        kl_pm = _masked_mul(p, log_p - log_m).sum(-1)
+        kl_qm = _masked_mul(q, log_q - log_m).sum(-1)
+        div = beta * kl_pm + (1.0 - beta) * kl_qm
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}")
+    scale = temperature**2 if scale_by_temperature_squared else 1.0
+    row = (1.0 - hard_label_weight) * scale * div
+    if labels is not None:
+        flat = labels.reshape(-1)
+        valid = flat != ignore_index
+        if hard_label_weight > 0:
+            target = torch.where(valid, flat, torch.zeros_like(flat))
+            ce = torch.logsumexp(s, dim=-1) - s.gather(1, target[:, None])[:, 0]
+            row = row + hard_label_weight * ce
+        row = torch.where(valid, row, torch.zeros_like(row))
+        n_valid = valid.sum()
+    else:
+        n_valid = torch.tensor(row.shape[0], device=row.device)
+    if reduction == "none":
+        return row.reshape(student_logits.shape[:-1])
+    total = row.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / (n_valid.clamp_min(1) * vocab).to(dtype)
+    if num_items_in_batch is not None:
+        denom = torch.as_tensor(num_items_in_batch, device=row.device)
+        return total / denom.clamp_min(1).to(dtype)
+    return total / n_valid.clamp_min(1).to(dtype)

@@ -1,0 +1,392 @@
+"""Teacher-student distillation loss on logits, streamed over the vocabulary (Triton).
+
+One program per row. With a = s / T, b = t / T (student s, teacher t, temperature T), the forward
+kernel loops over vocabulary chunks once, keeping an online log-sum-exp of a and b (and of the raw
+s when the cross-entropy term needs it at T != 1) together with
+
+    forward KL:  S = sum_v e^(b_v - m_b) (b_v - a_v)   ->  KL(p||q) = S / d_b + LSE(a) - LSE(b)
+    reverse KL:  R = sum_v e^(a_v - m_a) (a_v - b_v)   ->  KL(q||p) = R / d_a - LSE(a) + LSE(b)
+
+and, for interior-beta JSD, loops a second time for KL(p||M) and KL(q||M) with
+log M = logaddexp(log beta + log p, log(1 - beta) + log q). It writes the per-row loss and the
+row statistics {m_a, ld_a, m_b, ld_b, m_s, ld_s, aux}: each log-normalizer LSE(x) = m_x + ld_x is
+kept as its running max and log(sum e^(x - m_x)), so that log-probabilities are formed as
+(x - m_x) - ld_x, exact in x - m_x like log_softmax; aux = KL(q||p) or KL(q||M). The backward
+kernel loops once more and writes dL/ds, optionally over the student logits themselves.
+
+Every arithmetic step is guarded so that -inf logits never form (-inf) - (-inf).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
+NUM_STATS = 7  # m_a, ld_a, m_b, ld_b, m_s, ld_s, aux
+MAX_BLOCK_V = 4096
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _shift(m):
+    """Online-LSE shift: the running max, or 0 while every entry seen is -inf."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _log1p(u):
+    """log(1 + u), u >= 0, keeping u's low bits: log(w) * u / (w - 1) with w = 1 + u rounded."""
+    w = 1.0 + u
+    d = w - 1.0
+    return tl.where(d == 0.0, u, tl.log(w) * (u / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def _logaddexp(x, y):
+    """log(e^x + e^y); -inf when both are -inf, with no NaN formed on the way."""
+    mx = tl.maximum(x, y)
+    mn = tl.minimum(x, y)
+    return mx + _log1p(tl.exp(mn - _shift(mx)))
+
+
+@triton.jit
+def _distill_loss_fwd_kernel(
+    s_ptr,  # [N, V] student logits, row stride s_stride, unit column stride
+    t_ptr,  # [N, V] teacher logits, row stride t_stride, unit column stride
+    labels_ptr,  # [N] int64 labels (read when HAS_LABELS)
+    loss_ptr,  # [N] fp32 per-row loss: div_scale * D + ce_scale * CE, 0 on ignored rows
+    stats_ptr,  # [N, 7] fp32 per-row m_a, ld_a, m_b, ld_b, m_s, ld_s, aux
+    s_stride,
+    t_stride,
+    V,
+    inv_t,  # 1 / T
+    beta,  # JSD weight (interior beta only)
+    log_beta,  # log(beta)
+    log_1mbeta,  # log(1 - beta)
+    div_scale,  # weight of the divergence in the row loss
+    ce_scale,  # weight of the cross-entropy term
+    ignore_index,
+    DIVERGENCE: tl.constexpr,  # FORWARD_KL | REVERSE_KL | JSD
+    HAS_LABELS: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    RAW_LSE: tl.constexpr,  # HAS_CE and T != 1: LSE of the raw student logits too
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_V)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        valid = label != ignore_index
+    else:
+        label = 0
+        valid = True
+    if valid:
+        # Running maxima in fp32; the running sums (one fp32 tree sum per chunk) in fp64, so that
+        # LSE(a) - LSE(b) keeps its accuracy when teacher and student nearly agree.
+        m_a = float("-inf")
+        m_b = float("-inf")
+        m_r = float("-inf")
+        d_a = tl.cast(0.0, tl.float64)
+        d_b = tl.cast(0.0, tl.float64)
+        d_r = tl.cast(0.0, tl.float64)
+        acc = tl.cast(0.0, tl.float64)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            in_v = cols < V
+            r = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
+            b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_t
+            a = r * inv_t
+            new_a = tl.maximum(m_a, tl.max(a, axis=0))
+            new_b = tl.maximum(m_b, tl.max(b, axis=0))
+            sh_a = _shift(new_a)
+            sh_b = _shift(new_b)
+            e_a = tl.exp(a - sh_a)
+            e_b = tl.exp(b - sh_b)
+            c_a = tl.exp(m_a - sh_a).to(tl.float64)
+            c_b = tl.exp(m_b - sh_b).to(tl.float64)
+            d_a = d_a * c_a + tl.sum(e_a, axis=0).to(tl.float64)
+            d_b = d_b * c_b + tl.sum(e_b, axis=0).to(tl.float64)
+            if DIVERGENCE == 0:
+                live = b > float("-inf")
+                diff = tl.where(live, b, 0.0) - tl.where(live, a, 0.0)
+                acc = acc * c_b + tl.sum(e_b * diff, axis=0).to(tl.float64)
+            elif DIVERGENCE == 1:
+                live = a > float("-inf")
+                diff = tl.where(live, a, 0.0) - tl.where(live, b, 0.0)
+                acc = acc * c_a + tl.sum(e_a * diff, axis=0).to(tl.float64)
+            if RAW_LSE:
+                new_r = tl.maximum(m_r, tl.max(r, axis=0))
+                sh_r = _shift(new_r)
+                c_r = tl.exp(m_r - sh_r).to(tl.float64)
+                d_r = d_r * c_r + tl.sum(tl.exp(r - sh_r), axis=0).to(tl.float64)
+                m_r = new_r
+            m_a = new_a
+            m_b = new_b
+        ld_a64 = tl.log(d_a)
+        ld_b64 = tl.log(d_b)
+        ld_a = ld_a64.to(tl.float32)
+        ld_b = ld_b64.to(tl.float32)
+        if RAW_LSE:
+            ld_r = tl.log(d_r).to(tl.float32)
+        else:  # a == s when T == 1
+            m_r = m_a
+            ld_r = ld_a
+        # LSE(a) - LSE(b), differences first.
+        dlse = (m_a - m_b).to(tl.float64) + (ld_a64 - ld_b64)
+        if DIVERGENCE == 0:
+            div = (acc / d_b + dlse).to(tl.float32)
+            aux = 0.0
+        elif DIVERGENCE == 1:
+            div = (acc / d_a - dlse).to(tl.float32)
+            aux = div
+        else:
+            kl_pm = tl.cast(0.0, tl.float64)
+            kl_qm = tl.cast(0.0, tl.float64)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                in_v = cols < V
+                r = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
+                b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
+                lq = (r * inv_t - m_a) - ld_a
+                lp = (b * inv_t - m_b) - ld_b
+                q = tl.exp(lq)
+                p = tl.exp(lp)
+                lm = _logaddexp(log_beta + lp, log_1mbeta + lq)
+                p_live = p > 0.0
+                q_live = q > 0.0
+                t_pm = p * (tl.where(p_live, lp, 0.0) - tl.where(p_live, lm, 0.0))
+                t_qm = q * (tl.where(q_live, lq, 0.0) - tl.where(q_live, lm, 0.0))
+                kl_pm += tl.sum(t_pm, axis=0).to(tl.float64)
+                kl_qm += tl.sum(t_qm, axis=0).to(tl.float64)
+            div = (beta * kl_pm + (1.0 - beta) * kl_qm).to(tl.float32)
+            aux = kl_qm.to(tl.float32)
+        loss = div_scale * div
+        if HAS_CE:
+            in_range = (label >= 0) & (label < V)
+            s_label = tl.load(s_row + label, mask=in_range, other=float("nan")).to(tl.float32)
+            loss += ce_scale * ((m_r - s_label) + ld_r)
+        tl.store(loss_ptr + row, loss)
+        st = stats_ptr + row * 7
+        tl.store(st + 0, m_a)
+        tl.store(st + 1, ld_a)
+        tl.store(st + 2, m_b)
+        tl.store(st + 3, ld_b)
+        tl.store(st + 4, m_r)
+        tl.store(st + 5, ld_r)
+        tl.store(st + 6, aux)
+    else:
+        tl.store(loss_ptr + row, 0.0)
+        k = tl.arange(0, 8)
+        tl.store(stats_ptr + row * 7 + k, tl.zeros([8], dtype=tl.float32), mask=k < 7)
+
+
+@triton.jit
+def _distill_loss_bwd_kernel(
+    s_ptr,  # [N, V] student logits, row stride s_stride
+    t_ptr,  # [N, V] teacher logits, row stride t_stride
+    labels_ptr,  # [N] int64 labels (read when HAS_LABELS)
+    stats_ptr,  # [N, 7] fp32 row statistics from the forward kernel
+    grad_rows_ptr,  # [N] fp32 dL/d(row loss)
+    g_ptr,  # [N, V] dL/ds in the student dtype, row stride g_stride; may alias s_ptr
+    s_stride,
+    t_stride,
+    g_stride,
+    V,
+    inv_t,
+    beta,
+    log_beta,
+    log_1mbeta,
+    div_scale,
+    ce_scale,
+    ignore_index,
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_V)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    g_row = g_ptr + row * g_stride
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        valid = label != ignore_index
+    else:
+        label = 0
+        valid = True
+    if valid:
+        st = stats_ptr + row * 7
+        m_a = tl.load(st + 0)
+        ld_a = tl.load(st + 1)
+        m_b = tl.load(st + 2)
+        ld_b = tl.load(st + 3)
+        m_r = tl.load(st + 4)
+        ld_r = tl.load(st + 5)
+        aux = tl.load(st + 6)
+        go = tl.load(grad_rows_ptr + row)
+        div_coef = go * div_scale * inv_t
+        ce_coef = go * ce_scale
+        bad_label = (label < 0) | (label >= V)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            in_v = cols < V
+            r = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
+            b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
+            lq = (r * inv_t - m_a) - ld_a
+            lp = (b * inv_t - m_b) - ld_b
+            q = tl.exp(lq)
+            if DIVERGENCE == 0:
+                gd = q - tl.exp(lp)
+            elif DIVERGENCE == 1:
+                live = q > 0.0
+                gd = q * ((tl.where(live, lq, 0.0) - tl.where(live, lp, 0.0)) - aux)
+            else:
+                lm = _logaddexp(log_beta + lp, log_1mbeta + lq)
+                live = q > 0.0
+                diff = tl.where(live, lq, 0.0) - tl.where(live, lm, 0.0)
+                gd = (1.0 - beta) * q * (diff - aux)
+            g = div_coef * gd
+            if HAS_CE:
+                onehot = tl.where(cols == label, 1.0, 0.0)
+                g += ce_coef * (tl.exp((r - m_r) - ld_r) - onehot)
+                g = tl.where(bad_label, float("nan"), g)
+            tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=in_v)
+    else:
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+            tl.store(g_row + cols, zeros.to(g_ptr.dtype.element_ty), mask=cols < V)
+
+
+def _block_v(vocab: int) -> tuple[int, int]:
+    block = min(MAX_BLOCK_V, max(16, triton.next_power_of_2(vocab)))
+    return block, (4 if block <= 1024 else 8)
+
+
+def _check(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None) -> None:
+    for x in (student, teacher):
+        if x.dim() != 2 or (x.shape[1] > 1 and x.stride(1) != 1):
+            raise ValueError("logits must be 2-D [N, V] with a unit column stride")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"the triton backend takes fp32/bf16/fp16 logits, got {x.dtype}")
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ"
+        )
+    if labels is not None and (
+        labels.dtype != torch.int64 or labels.shape != (student.shape[0],) or labels.stride(0) != 1
+    ):
+        raise ValueError("labels must be a contiguous int64 tensor of shape [N]")
+
+
+def _mix_logs(beta: float) -> tuple[float, float]:
+    if 0.0 < beta < 1.0:
+        return math.log(beta), math.log1p(-beta)
+    return 0.0, 0.0
+
+
+def distill_loss_fwd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    divergence: int,
+    beta: float,
+    temperature: float,
+    div_scale: float,
+    ce_scale: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss [N] and row statistics [N, 7] (fp32) of logits [N, V]; one launch."""
+    _check(student, teacher, labels)
+    n, vocab = student.shape
+    loss = torch.empty(n, dtype=torch.float32, device=student.device)
+    stats = torch.empty(n, NUM_STATS, dtype=torch.float32, device=student.device)
+    if n == 0:
+        return loss, stats
+    has_ce = labels is not None and ce_scale != 0.0
+    log_beta, log_1mbeta = _mix_logs(beta)
+    block, warps = _block_v(vocab)
+    _distill_loss_fwd_kernel[(n,)](
+        student,
+        teacher,
+        labels if labels is not None else loss,
+        loss,
+        stats,
+        student.stride(0),
+        teacher.stride(0),
+        vocab,
+        1.0 / temperature,
+        beta,
+        log_beta,
+        log_1mbeta,
+        div_scale,
+        ce_scale,
+        ignore_index,
+        DIVERGENCE=divergence,
+        HAS_LABELS=labels is not None,
+        HAS_CE=has_ce,
+        RAW_LSE=has_ce and temperature != 1.0,
+        BLOCK_V=block,
+        num_warps=warps,
+    )
+    return loss, stats
+
+
+def distill_loss_bwd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    stats: torch.Tensor,
+    grad_rows: torch.Tensor,
+    divergence: int,
+    beta: float,
+    temperature: float,
+    div_scale: float,
+    ce_scale: float,
+    ignore_index: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dL/ds [N, V] in the student dtype, into ``out`` (which may be ``student`` itself)."""
+    _check(student, teacher, labels)
+    n, vocab = student.shape
+    if out is None:
+        out = torch.empty_like(student, memory_format=torch.contiguous_format)
+    if out.shape != student.shape or out.dtype != student.dtype or out.stride(-1) != 1:
+        raise ValueError("out must match the student logits' shape and dtype")
+    if n == 0:
+        return out
+    log_beta, log_1mbeta = _mix_logs(beta)
+    block, warps = _block_v(vocab)
+    _distill_loss_bwd_kernel[(n,)](
+        student,
+        teacher,
+        labels if labels is not None else grad_rows,
+        stats,
+        grad_rows,
+        out,
+        student.stride(0),
+        teacher.stride(0),
+        out.stride(0),
+        vocab,
+        1.0 / temperature,
+        beta,
+        log_beta,
+        log_1mbeta,
+        div_scale,
+        ce_scale,
+        ignore_index,
+        DIVERGENCE=divergence,
+        HAS_LABELS=labels is not None,
+        HAS_CE=labels is not None and ce_scale != 0.0,
+        BLOCK_V=block,
+        num_warps=warps,
+    )
+    return out
