@@ -541,19 +541,35 @@ class DistillationLoss(nn.Module):
         return distillation_loss(
             student_logits,
             teacher_logits,
-            divergence=self.divergence,
-            beta=self.beta,
-            temperature=self.temperature,
-            scale_by_temperature_squared=self.scale_by_temperature_squared,
             labels=labels,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
             num_items_in_batch=num_items_in_batch,
-            hard_label_weight=self.hard_label_weight,
-            teacher_vocab=self.teacher_vocab,
-            inplace_grad=self.inplace_grad,
-            backend=self.backend,
+            **self.options,
         )
+
+    _OPTIONS = (
+        "divergence",
+        "beta",
+        "temperature",
+        "scale_by_temperature_squared",
+        "ignore_index",
+        "reduction",
+        "hard_label_weight",
+        "teacher_vocab",
+        "inplace_grad",
+        "backend",
+    )
+
+    @property
+    def options(self) -> dict:
+        """The keywords fixed at construction, as passed to :func:`distillation_loss`."""
+        return {k: getattr(self, k) for k in self._OPTIONS}
+
+    def with_options(self, **changes) -> DistillationLoss:
+        """A new module with some keywords changed (checked like the constructor's)."""
+        unknown = set(changes) - set(self._OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown DistillationLoss options {sorted(unknown)}")
+        return DistillationLoss(**{**self.options, **changes})
 
     def extra_repr(self) -> str:
         return (

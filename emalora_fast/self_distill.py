@@ -163,7 +163,6 @@ class SelfDistiller:
 
             head = self._head
             opts = dict(self.loss.options)
-            opts.pop("teacher_vocab", None)
             opts.pop("inplace_grad", None)
             if num_items_in_batch is not None:
                 opts["num_items_in_batch"] = num_items_in_batch

@@ -1,0 +1,207 @@
+"""SelfDistiller: the averaged adapter as teacher of the trainable one, and the Trainer subclass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import FP32_RTOL, assert_close
+
+from emalora_fast import BEMA, EMA, DistillationLoss, SelfDistiller, distillation_loss
+from emalora_fast.self_distill import next_token_labels
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+FUSED = [False, True]
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = peft.get_peft_model(
+        transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=4, target_modules="all-linear")
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
+def batch(seed: int = 1, b: int = 3, s: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 96, (b, s), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt that is not scored
+    return {"input_ids": ids, "labels": labels}
+
+
+def snapshot(model):
+    return (
+        list(model.active_adapters),
+        {n: p.requires_grad for n, p in model.named_parameters()},
+    )
+
+
+def fused_or_skip(fused: bool) -> bool:
+    if fused:
+        pytest.importorskip("emalora_fast.fused_linear")
+    return fused
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_loss_matches_distillation_loss_on_teacher_and_student_logits(fused):
+    fused_or_skip(fused)
+    model = tiny_model()
+    avg = BEMA(model, teacher_adapter="teacher")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for step in range(1, 4):  # make student and teacher differ
+        loss = model(**batch(step)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        avg.update()
+    d = SelfDistiller(
+        model,
+        avg,
+        loss=DistillationLoss(divergence="jsd", beta=0.3, temperature=2.0),
+        hard_label_weight=0.25,
+        fused_linear=fused,
+    )
+    b = batch(7)
+    ours, metrics = d.compute_loss(b)
+    assert metrics["distilling"]
+    ours.backward()  # before swapped(), which writes the parameters in place
+    # gradients reach the student adapter only
+    for n, p in model.named_parameters():
+        if ".teacher." in n or "lora_" not in n:
+            assert p.grad is None, n
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    with torch.no_grad(), avg.swapped():
+        teacher_logits = model(input_ids=b["input_ids"]).logits
+    student_logits = model(input_ids=b["input_ids"]).logits
+    ref = distillation_loss(
+        student_logits.double(),
+        teacher_logits.double(),
+        labels=next_token_labels(b["labels"]),
+        divergence="jsd",
+        beta=0.3,
+        temperature=2.0,
+        hard_label_weight=0.25,
+        backend="torch",
+    )
+    assert_close(ours.detach().double().reshape(1), ref.reshape(1), 1e-4, "loss")
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_training_reduces_loss_and_keeps_state(fused):
+    fused_or_skip(fused)
+    model = tiny_model()
+    avg = EMA(model, decay=0.9, teacher_adapter="teacher")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    opt_params = [list(g["params"]) for g in opt.param_groups]
+    d = SelfDistiller(model, avg, hard_label_weight=0.5, fused_linear=fused)
+    state = snapshot(model)
+    b = batch(3)
+    losses = []
+    for step in range(1, 16):
+        loss, _ = d.compute_loss(b, step=step)
+        assert snapshot(model) == state
+        loss.backward()
+        teacher_grads = [p.grad for n, p in model.named_parameters() if ".teacher." in n]
+        assert all(g is None for g in teacher_grads)
+        opt.step()
+        opt.zero_grad()
+        avg.update(step=step)
+        losses.append(loss.item())
+    assert losses[-1] < 0.92 * losses[0], losses
+    assert [list(g["params"]) for g in opt.param_groups] == opt_params
+    assert snapshot(model) == state
+
+
+def test_base_teacher_uses_the_model_without_adapters():
+    model = tiny_model()
+    d = SelfDistiller(model, teacher="base", fused_linear=False)
+    b = batch(2)
+    ours, _ = d.compute_loss(b)
+    with torch.no_grad(), model.disable_adapter():
+        base_logits = model(input_ids=b["input_ids"]).logits
+    student_logits = model(input_ids=b["input_ids"]).logits
+    ref = distillation_loss(student_logits, base_logits, labels=next_token_labels(b["labels"]))
+    assert_close(ours.detach().reshape(1), ref.detach().reshape(1), FP32_RTOL, "loss")
+    assert ours.item() > 0
+
+
+def test_distill_from_step_skips_the_teacher(monkeypatch):
+    model = tiny_model()
+    avg = BEMA(model, teacher_adapter="teacher")
+    d = SelfDistiller(model, avg, distill_from_step=3, fused_linear=False)
+    calls = []
+    real = avg.teacher
+    monkeypatch.setattr(avg, "teacher", lambda: calls.append(1) or real())
+    b = batch(4)
+    loss1, m1 = d.compute_loss(b, step=1)
+    assert not m1["distilling"] and calls == []
+    ce = model(**b).loss  # transformers' mean cross-entropy over scored tokens
+    assert_close(loss1.detach().reshape(1), ce.detach().reshape(1), FP32_RTOL, "ce")
+    _, m3 = d.compute_loss(b, step=3)
+    assert m3["distilling"] and calls == [1]
+
+
+def test_bad_arguments():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="teacher_adapter"):
+        SelfDistiller(model, BEMA(model))
+    with pytest.raises(ValueError, match="teacher must be"):
+        SelfDistiller(model, teacher="ema")
+    with pytest.raises(ValueError, match="hard_label_weight"):
+        SelfDistiller(model, teacher="base", hard_label_weight=1.5)
+
+
+def test_trainer_subclass_with_gradient_accumulation(tmp_path):
+    from emalora_fast.integrations.transformers import SelfDistillationTrainer
+
+    model = tiny_model()
+    avg = BEMA(model, teacher_adapter="teacher")
+    d = SelfDistiller(model, avg, hard_label_weight=0.5)
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return {k: v[0] for k, v in batch(100 + i, b=1).items()}
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    seen = []
+    real = d.compute_loss
+
+    def spy(inputs, **kw):
+        seen.append(kw["num_items_in_batch"])
+        return real(inputs, **kw)
+
+    d.compute_loss = spy
+    trainer = SelfDistillationTrainer(model=model, args=args, train_dataset=Data(), distiller=d)
+    trainer.train()
+    assert avg.step == 4
+    # every micro-batch is normalized by the scored tokens of the whole accumulated batch:
+    # 2 micro-batches x 2 sequences, each with 10 targets of which the first 3 are unscored
+    assert [int(n) for n in seen] == [4 * 7] * 8
