@@ -403,6 +403,8 @@ def _check_tensors(hs, ws, ht, wt, bs, bt, teacher_vocab):
     v_s, v_t = ws.shape[0], wt.shape[0]
     if v_s == 0:
         raise ValueError("the vocabulary dimension of the weights is empty")
+    if ws.shape[1] == 0 or wt.shape[1] == 0:
+        raise ValueError("the hidden dimension of the weights is empty")
     if v_t != v_s:
         if teacher_vocab == "truncate" and v_t > v_s:
             return wt[:v_s], (bt[:v_s] if bt is not None else None)
@@ -587,7 +589,7 @@ def fused_linear_distillation_loss(
         grads_in_forward=torch.is_grad_enabled() and any(need),
     )
     acc = torch.float64 if has_fp64 else torch.float32
-    n_rows = student_hidden.numel() // max(student_hidden.shape[-1], 1)
+    n_rows = math.prod(student_hidden.shape[:-1])
     scale = _reduction_scale(
         reduction, flat_labels, ignore_index, n_rows, vocab, num_items_in_batch, acc, device
     )

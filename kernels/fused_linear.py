@@ -28,6 +28,11 @@ zero gradient. With ``eps`` (gradient filtering, off by default) a backward tile
 
 Every arithmetic step is guarded so that -inf (masked vocabulary columns) never forms
 (-inf) - (-inf).
+
+Cost: pass 1 and the gradient pass each form both logits tiles (2 N V H multiply-adds per
+model); the gradient pass adds the two gradient products and moves (BLOCK_N + BLOCK_V) H fp32
+atomic adds per tile. The GPU block sizes of :func:`default_blocks` are a starting point, not a
+tuned choice; gradient filtering is what skips a tile's products and atomics.
 """
 
 from __future__ import annotations

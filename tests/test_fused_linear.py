@@ -436,6 +436,21 @@ def test_ignored_rows_are_never_read(backend, divergence, beta):
     assert (g["hs"][labels == -100] == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES[:3], ids=DIV_IDS[:3])
+def test_masked_vocabulary_bias(backend, divergence, beta):
+    """-inf bias entries (a masked or padded vocabulary) in both heads: finite loss and
+    gradients, equal to the reference's (zero for the masked entries)."""
+    _ready(backend)
+    p = make_problem(11, 16, 150, head="shared")
+    p["bs"][::7] = float("-inf")
+    labels = make_labels((11,), 150)
+    labels[labels % 7 == 0] = 1  # no label on a masked entry
+    kw = dict(divergence=divergence, beta=beta, temperature=2.0, hard_label_weight=0.2)
+    _, g = check(p, backend, labels=labels, **kw)
+    assert (g["bs"][::7] == 0).all() and (g["ws"][::7] == 0).all()
+
+
 @pytest.mark.parametrize("backend", CHUNKED)
 @pytest.mark.parametrize("head", ["shared", "separate"])
 def test_chunking(backend, head, monkeypatch):
@@ -647,7 +662,8 @@ BAD_INPUTS = [
     (_bad(student_bias=torch.randn(9)), ValueError, "student_bias"),
     (_bad(teacher_bias=torch.randn(10).double()), ValueError, "teacher_bias"),
     (_bad(student_bias=[0.0] * 10), TypeError, "student_bias"),
-    (_bad(ws=torch.randn(0, 8), wt=torch.randn(0, 8)), ValueError, "empty"),
+    (_bad(ws=torch.randn(0, 8), wt=torch.randn(0, 8)), ValueError, "vocabulary .* empty"),
+    (_bad(hs=torch.randn(4, 0), ws=torch.randn(10, 0)), ValueError, "hidden .* empty"),
     (_bad(labels=torch.zeros(3, dtype=torch.long)), ValueError, "labels of shape"),
     (_bad(labels=torch.zeros(4)), TypeError, "integer"),
     (_bad(divergence="jsd", beta=1.5), ValueError, "beta"),
