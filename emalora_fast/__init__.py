@@ -6,6 +6,7 @@
 
 from ._dispatch import BackendUnavailableError
 from .averager import BEMA, EMA
+from .fused_linear import FusedLinearDistillationLoss, fused_linear_distillation_loss
 from .loss import DistillationLoss, distillation_loss
 from .schedules import bema_coefficients, ema_decay
 from .self_distill import SelfDistiller
@@ -17,8 +18,10 @@ __all__ = [
     "EMA",
     "BackendUnavailableError",
     "DistillationLoss",
+    "FusedLinearDistillationLoss",
     "SelfDistiller",
     "bema_coefficients",
     "distillation_loss",
     "ema_decay",
+    "fused_linear_distillation_loss",
 ]

@@ -9,7 +9,11 @@ import math
 
 import torch
 
-__all__ = ["averager_update_", "distillation_loss_reference"]
+__all__ = [
+    "averager_update_",
+    "distillation_loss_reference",
+    "fused_linear_distillation_loss_reference",
+]
 
 
 @torch.no_grad()
@@ -185,3 +189,59 @@ def distillation_loss_reference(
         denom = torch.as_tensor(num_items_in_batch, device=row.device)
         return total / denom.clamp_min(1).to(dtype)
     return total / n_valid.clamp_min(1).to(dtype)
+
+
+def fused_linear_distillation_loss_reference(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    teacher_vocab: str = "error",
+    **kwargs,
+) -> torch.Tensor:
+    """The fused-linear distillation loss, materializing both models' logits (the test oracle).
+
+    Computes in the dtype of ``student_hidden`` (pass float64 tensors for the oracle)::
+
+        s = softcap(h_s W_s^T + b_s),  t = softcap(h_t W_t^T + b_t)[..., :V],
+        softcap(z) = c tanh(z / c)  (identity when ``softcap`` is None)
+
+    and returns :func:`distillation_loss_reference` of (s, t) with ``kwargs``. Differentiable in
+    the student's hidden states, weight and bias through ordinary autograd; the teacher's tensors
+    are detached (they get no gradient, also when the teacher's weight is the student's).
+
+    Args:
+        student_hidden: [..., H] hidden states h_s.
+        student_weight: [V, H] weight W_s.
+        teacher_hidden: [..., H_t] hidden states h_t.
+        teacher_weight: [V_t, H_t] weight W_t.
+        student_bias: [V] or None.
+        teacher_bias: [V_t] or None.
+        softcap: soft-capping constant c, or None.
+        teacher_vocab: ``"truncate"`` keeps the teacher's first V logits when V_t > V.
+        **kwargs: the options of :func:`distillation_loss_reference`.
+
+    Returns:
+        The reduced loss (0-dim), or the per-row loss for ``reduction="none"``.
+    """
+    dtype = student_hidden.dtype
+    vocab = student_weight.shape[0]
+
+    def logits(h, w, b):
+        z = h @ w.to(dtype).t()
+        if b is not None:
+            z = z + b.to(dtype)
+        return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+    s = logits(student_hidden, student_weight, student_bias)
+    tb = None if teacher_bias is None else teacher_bias.detach()
+    t = logits(teacher_hidden.detach().to(dtype), teacher_weight.detach(), tb)
+    if t.shape[-1] != vocab:
+        if teacher_vocab != "truncate" or t.shape[-1] < vocab:
+            raise ValueError(f"teacher vocabulary {t.shape[-1]} differs from {vocab}")
+        t = t[..., :vocab]
+    return distillation_loss_reference(s, t, **kwargs)
