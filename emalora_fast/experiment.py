@@ -115,9 +115,10 @@ def _is_hub_id(s: str) -> bool:
 
 
 def _load_texts(cfg: Config) -> tuple[str | None, str]:
-    """(pre-training text or None, adaptation text)."""
+    """(pre-training text of the default model, adaptation text)."""
+    pretrain = corpora.load_text("genesis_exodus") if cfg.model is None else None
     if cfg.dataset is None:
-        return corpora.load_text("genesis_exodus"), corpora.load_text("psalms")
+        return pretrain, corpora.load_text("psalms")
     path = cfg.dataset
     if _is_hub_id(path):
         try:
@@ -127,7 +128,7 @@ def _load_texts(cfg: Config) -> tuple[str | None, str]:
                 f"dataset {path!r} looks like a hub id; install `datasets`"
             ) from exc
         ds = datasets.load_dataset(path, split="train")
-        return None, "\n".join(ds["text"])
+        return pretrain, "\n".join(ds["text"])
     with open(path, encoding="utf-8") as f:
         if path.endswith((".jsonl", ".json")):
             texts = []
@@ -139,8 +140,8 @@ def _load_texts(cfg: Config) -> tuple[str | None, str]:
                         raise ExperimentError(
                             f"{path}:{i}: expected a JSON object with a 'text' field"
                         ) from exc
-            return None, "\n".join(texts)
-        return None, f.read()
+            return pretrain, "\n".join(texts)
+        return pretrain, f.read()
 
 
 class Batches:

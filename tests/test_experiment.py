@@ -1,0 +1,138 @@
+"""The main job end to end: `emalora-fast distill --quick` into a temporary folder, errors, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from emalora_fast import cli, experiment
+
+peft = pytest.importorskip("peft")
+
+# --quick, shortened further so that the whole file stays within CI's budget.
+SMALL = ["--steps", "8", "--pretrain-steps", "10", "--eval-every", "4", "--seq-len", "32"]
+
+
+def run_cli(tmp_path, *extra):
+    return cli.main(["distill", "--quick", "--output-dir", str(tmp_path), *SMALL, *extra])
+
+
+def test_quick_run_writes_curves_plot_summary_and_adapters(tmp_path, capsys):
+    assert run_cli(tmp_path, "--run-name", "r") == 0
+    run = tmp_path / "r"
+    for f in ("curves.json", "curves.csv", "curves.png", "summary.md", "config.json"):
+        assert (run / f).is_file(), f
+    curves = json.loads((run / "curves.json").read_text())["curves"]
+    assert set(curves) == {"lora", "lora+ema-teacher", "lora+bema-teacher", "lora+bema-weights"}
+    for name, c in curves.items():
+        assert c["step"] == [0, 4, 8], name
+        assert all(0 < x < 10 for x in c["student"] + c["averaged"]), name
+    # the same seed and data order: every variant starts from the same held-out loss
+    assert len({c["student"][0] for c in curves.values()}) == 1
+    assert curves["lora+bema-weights"]["averaged"] == curves["lora"]["averaged"]
+    out = capsys.readouterr().out
+    assert "| lora+bema-teacher |" in out
+
+    # the adapters load with peft and reproduce the recorded held-out losses
+    from transformers import LlamaForCausalLM
+
+    cfg = experiment.Config.quick_defaults(output_dir=str(tmp_path), run_name="r")
+    windows = _windows(cfg)
+    for name in experiment.VARIANTS:
+        for kind, key in (("student", "student"), ("averaged", "averaged")):
+            base = LlamaForCausalLM(experiment._tiny_llama_config())
+            base.load_state_dict(torch.load(run / "base_model.pt", weights_only=True))
+            model = peft.PeftModel.from_pretrained(base, run / "adapters" / name / kind)
+            loss = experiment._held_out_loss(model, windows)
+            assert loss == pytest.approx(curves[name][key][-1], rel=1e-5), (name, kind)
+
+
+def _windows(cfg):
+    from emalora_fast import data
+
+    tokens = data.encode_bytes(data.load_text("psalms"))
+    split = int(0.9 * tokens.numel())
+    return experiment._eval_windows(tokens[split:], 32)
+
+
+def test_interrupted_run_resumes_to_the_same_curves(tmp_path, monkeypatch):
+    assert run_cli(tmp_path, "--run-name", "full", "--variants", "lora+bema-teacher") == 0
+    full = json.loads((tmp_path / "full" / "curves.json").read_text())["curves"]
+
+    real = experiment._StopFlag
+
+    class StopAfterFive(real):
+        """Ctrl-C arrives during step 5 of the first variant."""
+
+        @property
+        def requested(self):
+            return self._requested or StopAfterFive.steps_seen >= 5
+
+        @requested.setter
+        def requested(self, v):
+            self._requested = v
+
+    StopAfterFive.steps_seen = 0
+    orig_update = experiment.BEMA.update
+
+    def counting_update(self, step=None):
+        StopAfterFive.steps_seen += 1
+        return orig_update(self, step)
+
+    monkeypatch.setattr(experiment, "_StopFlag", StopAfterFive)
+    monkeypatch.setattr(experiment.BEMA, "update", counting_update)
+    rc = run_cli(tmp_path, "--run-name", "cut", "--variants", "lora+bema-teacher")
+    assert rc == 130
+    ck = torch.load(tmp_path / "cut" / experiment.CHECKPOINT, weights_only=False)
+    assert ck["current"]["step"] == 5
+    monkeypatch.setattr(experiment, "_StopFlag", real)
+    assert run_cli(tmp_path, "--run-name", "cut", "--resume") == 0
+    cut = json.loads((tmp_path / "cut" / "curves.json").read_text())["curves"]
+    for key in ("step", "student", "averaged"):
+        assert cut["lora+bema-teacher"][key] == pytest.approx(
+            full["lora+bema-teacher"][key], rel=1e-6
+        )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "no/such/file.txt"], "dataset file not found"),
+        (["--steps", "0"], "--steps must be"),
+        (["--lr", "-1"], "--lr must be"),
+        (["--hard-label-weight", "2"], "--hard-label-weight"),
+        (["--resume", "--run-name", "never"], "nothing to resume"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, capsys, args, message):
+    rc = cli.main(["distill", "--quick", "--output-dir", str(tmp_path), *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_unwritable_output_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = cli.main(["distill", "--quick", "--output-dir", str(blocker)])
+    assert rc == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_text_dataset_and_module_entry_point(tmp_path):
+    text = tmp_path / "data.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    env = dict(os.environ)
+    proc = subprocess.run(
+        [sys.executable, "-m", "emalora_fast", "distill", "--quick", "--output-dir",
+         str(tmp_path / "runs"), "--dataset", str(text), "--variants", "lora", *SMALL],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "runs" / "quick" / "curves.png").is_file()
