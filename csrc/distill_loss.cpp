@@ -8,8 +8,9 @@
 // give 0 and a zero gradient.
 //
 // Passes over each row, in chunks of kChunk entries held in L1 as accumulation-type buffers:
-//   forward:  1. online LSE of a, b (and raw s) plus S = sum e^(b-m_b)(b-a) (forward KL) or
-//                R = sum e^(a-m_a)(a-b) (reverse KL): loss = S/d_b + LSE(a) - LSE(b), etc.
+//   forward:  1. online LSE of a, b (and raw s), LSE(x) = m_x + log d_x, plus
+//                S = sum e^(b-m_b)((b-m_b) - (a-m_a)) (forward KL: loss = S/d_b + log d_a - log d_b)
+//                or R = sum e^(a-m_a)((a-m_a) - (b-m_b)) (reverse KL: R/d_a - log d_a + log d_b).
 //             2. (JSD only) KL(p||M) and KL(q||M) with log M = logaddexp(log beta + log p,
 //                log(1-beta) + log q).
 //   backward: one pass writing dL/ds (optionally over the student buffer itself).

@@ -147,7 +147,11 @@ template <typename A>
 struct Online {
   A ma = kNegInf<A>, mb = kNegInf<A>, mr = kNegInf<A>;  // a = s / T, b = t / T, raw s
   double da = 0, db = 0, dr = 0;
-  double x = 0;  // S (forward KL, scale m_b) or R (reverse KL, scale m_a)
+  // Forward KL: S = sum e^(b - m_b) ((b - m_b) - (a - m_a)); reverse KL: R = sum e^(a - m_a)
+  // ((a - m_a) - (b - m_b)). Measured from the maxima, the terms are the size of log-probabilities
+  // whatever the offset between teacher and student logits, and KL = S / d_b + ld_a - ld_b
+  // (R / d_a - ld_a + ld_b) involves no m_a - m_b that would have to cancel.
+  double x = 0;
 };
 
 // Pass 1 over one chunk: fold it into the running (max, sum) pairs and S / R.
@@ -166,8 +170,12 @@ void stats_chunk(const A* r, const A* b, int64_t n, A inv_t, A rmax, A bmax, Onl
       const A ea = vexp(a - sa), eb = vexp(b[i] - sb);
       pa += ea;
       pb += eb;
-      if constexpr (DIV == kForwardKL) px += select(b[i] > kNegInf<A>, eb * (b[i] - a), A(0));
-      if constexpr (DIV == kReverseKL) px += select(a > kNegInf<A>, ea * (a - b[i]), A(0));
+      if constexpr (DIV == kForwardKL) {
+        px += select(b[i] > kNegInf<A>, eb * ((b[i] - sb) - (a - sa)), A(0));
+      }
+      if constexpr (DIV == kReverseKL) {
+        px += select(a > kNegInf<A>, ea * ((a - sa) - (b[i] - sb)), A(0));
+      }
       if constexpr (RAW) pr += vexp(r[i] - sr);
     }
     sum_a += pa;
@@ -175,12 +183,16 @@ void stats_chunk(const A* r, const A* b, int64_t n, A inv_t, A rmax, A bmax, Onl
     sum_x += px;
     sum_r += pr;
   }
-  // Rescale the running sums to the new maxima (exp(-inf) = 0 while nothing was finite).
+  // Rescale the running sums to the new maxima (exp(-inf) = 0 while nothing was finite), and
+  // move S / R to the new shifts: each old term changes by -(delta_b - delta_a) (S) or
+  // +(delta_b - delta_a) (R), times its weight.
   const double ca = std::exp(double(st.ma) - double(sa)), cb = std::exp(double(st.mb) - double(sb));
+  const double delta =
+      (double(sb) - double(shift_of(st.mb))) - (double(sa) - double(shift_of(st.ma)));
+  if constexpr (DIV == kForwardKL) st.x = (st.x - delta * st.db) * cb + sum_x;
+  if constexpr (DIV == kReverseKL) st.x = (st.x + delta * st.da) * ca + sum_x;
   st.da = st.da * ca + sum_a;
   st.db = st.db * cb + sum_b;
-  if constexpr (DIV == kForwardKL) st.x = st.x * cb + sum_x;
-  if constexpr (DIV == kReverseKL) st.x = st.x * ca + sum_x;
   if constexpr (RAW) st.dr = st.dr * std::exp(double(st.mr) - double(sr)) + sum_r;
   st.ma = ma;
   st.mb = mb;
@@ -277,13 +289,11 @@ void forward_rows(const at::Tensor& student, const at::Tensor& teacher, const in
       const double ld_a = std::log(on.da), ld_b = std::log(on.db);
       const LogZ<A> za{on.ma, A(ld_a)}, zb{on.mb, A(ld_b)};
       const LogZ<A> zr = RAW ? LogZ<A>{on.mr, A(std::log(on.dr))} : za;  // a == s when T == 1
-      // LSE(a) - LSE(b), differences first.
-      const double dlse = (double(za.m) - double(zb.m)) + (ld_a - ld_b);
       A div = 0, aux = 0;
       if constexpr (DIV == kForwardKL) {
-        div = A(on.x / on.db + dlse);
+        div = A(on.x / on.db + (ld_a - ld_b));
       } else if constexpr (DIV == kReverseKL) {
-        div = A(on.x / on.da - dlse);
+        div = A(on.x / on.da - (ld_a - ld_b));
         aux = div;
       } else {
         const A log_beta = std::log(beta), log_1mbeta = std::log1p(-beta);

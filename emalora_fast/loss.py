@@ -123,12 +123,17 @@ def _torch_fwd(student, teacher, labels, divergence, beta, temperature, div_scal
         e_a = torch.exp(a - sh_a[:, None])
         e_b = torch.exp(b - sh_b[:, None])
         c_a, c_b = torch.exp(m_a - sh_a).to(f64), torch.exp(m_b - sh_b).to(f64)
+        # S / R terms are measured from the shifts (see the kernels): move the old ones along.
+        delta = ((sh_b - _shift(m_b)) - (sh_a - _shift(m_a))).to(f64)
+        a_c, b_c = a - sh_a[:, None], b - sh_b[:, None]
+        if divergence == FORWARD_KL:
+            terms = e_b * _masked_diff(~torch.isneginf(b), b_c, a_c)
+            x = (x - delta * d_b) * c_b + terms.sum(1).to(f64)
+        elif divergence == REVERSE_KL:
+            terms = e_a * _masked_diff(~torch.isneginf(a), a_c, b_c)
+            x = (x + delta * d_a) * c_a + terms.sum(1).to(f64)
         d_a = d_a * c_a + e_a.sum(1).to(f64)
         d_b = d_b * c_b + e_b.sum(1).to(f64)
-        if divergence == FORWARD_KL:
-            x = x * c_b + (e_b * _masked_diff(~torch.isneginf(b), b, a)).sum(1).to(f64)
-        elif divergence == REVERSE_KL:
-            x = x * c_a + (e_a * _masked_diff(~torch.isneginf(a), a, b)).sum(1).to(f64)
         if raw:
             new_r = torch.maximum(m_r, r.amax(1))
             sh_r = _shift(new_r)
@@ -142,11 +147,10 @@ def _torch_fwd(student, teacher, labels, divergence, beta, temperature, div_scal
         ld_r = torch.log(d_r).to(acc)
     else:  # a == s when T == 1
         m_r, ld_r = m_a, ld_a
-    dlse = (m_a - m_b).to(f64) + (ld_a64 - ld_b64)  # LSE(a) - LSE(b), differences first
     if divergence == FORWARD_KL:
-        div, aux = (x / d_b + dlse).to(acc), torch.zeros_like(m_a)
+        div, aux = (x / d_b + (ld_a64 - ld_b64)).to(acc), torch.zeros_like(m_a)
     elif divergence == REVERSE_KL:
-        div = (x / d_a - dlse).to(acc)
+        div = (x / d_a - (ld_a64 - ld_b64)).to(acc)
         aux = div
     else:
         log_beta, log_1mbeta = math.log(beta), math.log1p(-beta)

@@ -1,12 +1,16 @@
 """Teacher-student distillation loss on logits, streamed over the vocabulary (Triton).
 
 One program per row. With a = s / T, b = t / T (student s, teacher t, temperature T), the forward
-kernel loops over vocabulary chunks once, keeping an online log-sum-exp of a and b (and of the raw
-s when the cross-entropy term needs it at T != 1) together with
+kernel loops over vocabulary chunks once, keeping an online log-sum-exp LSE(x) = m_x + log d_x of
+a and b (and of the raw s when the cross-entropy term needs it at T != 1) together with
 
-    forward KL:  S = sum_v e^(b_v - m_b) (b_v - a_v)   ->  KL(p||q) = S / d_b + LSE(a) - LSE(b)
-    reverse KL:  R = sum_v e^(a_v - m_a) (a_v - b_v)   ->  KL(q||p) = R / d_a - LSE(a) + LSE(b)
+    forward KL:  S = sum_v e^(b_v - m_b) ((b_v - m_b) - (a_v - m_a))
+                 KL(p||q) = S / d_b + log d_a - log d_b
+    reverse KL:  R = sum_v e^(a_v - m_a) ((a_v - m_a) - (b_v - m_b))
+                 KL(q||p) = R / d_a - log d_a + log d_b
 
+(terms measured from the running maxima, moved along when a maximum grows, so that no large
+m_a - m_b has to cancel when teacher and student logits sit at different offsets)
 and, for interior-beta JSD, loops a second time for KL(p||M) and KL(q||M) with
 log M = logaddexp(log beta + log p, log(1 - beta) + log q). It writes the per-row loss and the
 row statistics {m_a, ld_a, m_b, ld_b, m_s, ld_s, aux}: each log-normalizer LSE(x) = m_x + ld_x is
@@ -111,16 +115,18 @@ def _distill_loss_fwd_kernel(
             e_b = tl.exp(b - sh_b)
             c_a = tl.exp(m_a - sh_a).to(tl.float64)
             c_b = tl.exp(m_b - sh_b).to(tl.float64)
-            d_a = d_a * c_a + tl.sum(e_a, axis=0).to(tl.float64)
-            d_b = d_b * c_b + tl.sum(e_b, axis=0).to(tl.float64)
+            # Growth of the shifts: old S / R terms move by -(delta) / +(delta).
+            delta = ((sh_b - _shift(m_b)) - (sh_a - _shift(m_a))).to(tl.float64)
             if DIVERGENCE == 0:
                 live = b > float("-inf")
-                diff = tl.where(live, b, 0.0) - tl.where(live, a, 0.0)
-                acc = acc * c_b + tl.sum(e_b * diff, axis=0).to(tl.float64)
+                diff = tl.where(live, b - sh_b, 0.0) - tl.where(live, a - sh_a, 0.0)
+                acc = (acc - delta * d_b) * c_b + tl.sum(e_b * diff, axis=0).to(tl.float64)
             elif DIVERGENCE == 1:
                 live = a > float("-inf")
-                diff = tl.where(live, a, 0.0) - tl.where(live, b, 0.0)
-                acc = acc * c_a + tl.sum(e_a * diff, axis=0).to(tl.float64)
+                diff = tl.where(live, a - sh_a, 0.0) - tl.where(live, b - sh_b, 0.0)
+                acc = (acc + delta * d_a) * c_a + tl.sum(e_a * diff, axis=0).to(tl.float64)
+            d_a = d_a * c_a + tl.sum(e_a, axis=0).to(tl.float64)
+            d_b = d_b * c_b + tl.sum(e_b, axis=0).to(tl.float64)
             if RAW_LSE:
                 new_r = tl.maximum(m_r, tl.max(r, axis=0))
                 sh_r = _shift(new_r)
@@ -138,13 +144,11 @@ def _distill_loss_fwd_kernel(
         else:  # a == s when T == 1
             m_r = m_a
             ld_r = ld_a
-        # LSE(a) - LSE(b), differences first.
-        dlse = (m_a - m_b).to(tl.float64) + (ld_a64 - ld_b64)
         if DIVERGENCE == 0:
-            div = (acc / d_b + dlse).to(tl.float32)
+            div = (acc / d_b + (ld_a64 - ld_b64)).to(tl.float32)
             aux = 0.0
         elif DIVERGENCE == 1:
-            div = (acc / d_a - dlse).to(tl.float32)
+            div = (acc / d_a - (ld_a64 - ld_b64)).to(tl.float32)
             aux = div
         else:
             kl_pm = tl.cast(0.0, tl.float64)
