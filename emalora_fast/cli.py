@@ -40,7 +40,7 @@ def _distill(args: argparse.Namespace) -> int:
 _DISTILL_KEYS = {
     "output_dir", "run_name", "model", "dataset", "seed", "steps", "pretrain_steps",
     "eval_every", "batch_size", "seq_len", "lr", "lora_r", "divergence", "temperature",
-    "hard_label_weight", "distill_from_step", "ema_decay", "variants",
+    "hard_label_weight", "distill_from_step", "ema_decay", "bema_update_after", "variants",
 }  # fmt: skip
 
 
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--hard-label-weight", type=float, help="w in (1-w)*KL + w*CE")
     d.add_argument("--distill-from-step", type=int)
     d.add_argument("--ema-decay", type=float)
+    d.add_argument("--bema-update-after", type=int, help="BEMA burn-in tau (theta_0 taken then)")
     d.add_argument("--variants", nargs="+", help="subset of the trained variants")
     d.set_defaults(func=_distill)
     bench = sub.add_parser("bench", help="kernel microbenchmarks against the usual alternatives")

@@ -56,9 +56,9 @@ class Config:
     dataset: str | None = None  # None: the embedded corpus; else a .txt/.jsonl path or hub id
     quick: bool = False
     seed: int = 0
-    steps: int = 240
-    pretrain_steps: int = 300
-    eval_every: int = 20
+    steps: int = 300
+    pretrain_steps: int = 1200
+    eval_every: int = 25
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 2e-3
@@ -66,21 +66,35 @@ class Config:
     divergence: str = "forward_kl"
     temperature: float = 1.0
     hard_label_weight: float = 0.5
-    distill_from_step: int = 0
+    distill_from_step: int | None = None  # None: bema_update_after
     ema_decay: float = 0.99
+    bema_update_after: int | None = None  # None: a quarter of the steps (the paper's burn-in)
     device: str = "cpu"
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
 
     @classmethod
     def quick_defaults(cls, **overrides) -> Config:
         base = dict(
-            run_name="quick", steps=60, pretrain_steps=120, eval_every=10, batch_size=8, seq_len=96
+            run_name="quick", steps=120, pretrain_steps=300, eval_every=15, batch_size=8, seq_len=96
         )
         base.update(overrides)
         return cls(quick=True, **base)
 
     def validate(self) -> None:
-        ints = dict(steps=1, pretrain_steps=0, eval_every=1, batch_size=1, seq_len=8, lora_r=1)
+        if self.bema_update_after is None and isinstance(self.steps, int):
+            self.bema_update_after = self.steps // 4
+        if self.distill_from_step is None:
+            self.distill_from_step = self.bema_update_after
+        ints = dict(
+            steps=1,
+            pretrain_steps=0,
+            eval_every=1,
+            batch_size=1,
+            seq_len=8,
+            lora_r=1,
+            bema_update_after=0,
+            distill_from_step=0,
+        )
         for name, lo in ints.items():
             v = getattr(self, name)
             if not isinstance(v, int) or v < lo:
@@ -299,7 +313,11 @@ def _train_variant(name, cfg, make_model, train_tokens, windows, state, progress
     if name == "lora+ema-teacher":
         avg = EMA(model, cfg.ema_decay, warmup=True, teacher_adapter="teacher")
     else:
-        avg = BEMA(model, teacher_adapter="teacher" if distil else None)
+        avg = BEMA(
+            model,
+            update_after=cfg.bema_update_after,
+            teacher_adapter="teacher" if distil else None,
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     distiller = None

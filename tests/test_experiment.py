@@ -1,4 +1,4 @@
-"""The main job end to end: `emalora-fast distill --quick` into a temporary folder, errors, resume."""
+"""The main job end to end: `distill --quick` into a temporary folder, user errors, resume."""
 
 from __future__ import annotations
 
