@@ -11,6 +11,7 @@ product of averaged factors is not the average of the products (EMA(B)·EMA(A) !
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -194,11 +195,19 @@ class _Averager:
                     "or create the averager, before fully_shard)"
                 )
         g.plan = None
+        if g.backend == "cpp":
+            _register_cpp_fake()
         if g.backend == "triton":
             kernels = _dispatch.load_triton("averager")
             g.plan = kernels.AveragerPlan(g.locals, g.teacher_locals or None)
         g.slots = []
-        for name in (g.names[0], g.names[-1]):
+        names = [g.names[0], g.names[-1]]
+        if g.teachers and self.teacher_adapter is not None:
+            names += [
+                peft_utils.teacher_name_for(n, self._live_adapter, self.teacher_adapter)
+                for n in names
+            ]
+        for name in names:
             owner, _, key = name.rpartition(".")
             g.slots.append((self.model.get_submodule(owner)._parameters, key))
         g.fingerprint = _fingerprint(g.slots)
@@ -268,14 +277,20 @@ class _Averager:
         else:
             _check_int("step", step, minimum=0)
             t = int(step)
+            if t < self.step or (t == self.step and t > 0):
+                raise ValueError(
+                    f"step {t} does not follow the last update's step {self.step}: each optimizer "
+                    "step is folded in once"
+                )
         coeffs = self._coefficients(t)
-        self.step = t
-        if coeffs is None:
-            return
-        self._ensure_current()
-        c_ema, c_theta, alpha, reset = coeffs
-        for g in self._groups:
-            self._launch(g, c_ema, c_theta, alpha, reset)
+        if coeffs is not None:
+            self._ensure_current()
+            c_ema, c_theta, alpha, reset = coeffs
+            for g in self._groups:
+                self._launch(g, c_ema, c_theta, alpha, reset)
+            if reset:
+                self._anchored = True
+        self.step = t  # only once every launch went through: a failed update changes nothing
 
     def _launch(self, g: _Group, c_ema: float, c_theta: float, alpha: float, reset: bool) -> None:
         if g.backend == "triton":
@@ -493,14 +508,21 @@ class _Averager:
                     continue
                 for n in self._names:
                     t = src.get(n)
-                    if not isinstance(t, torch.Tensor) or t.shape != current[key][n].shape:
+                    if (
+                        not isinstance(t, torch.Tensor)
+                        or t.shape != current[key][n].shape
+                        or not t.is_floating_point()
+                    ):
                         got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                         problems.append(
-                            f"{key}[{n}]: expected shape {tuple(current[key][n].shape)}, got {got}"
+                            f"{key}[{n}]: expected a floating tensor of shape "
+                            f"{tuple(current[key][n].shape)}, got {got}"
                         )
                         break
         if not _is_int(state.get("step")) or state["step"] < 0:
             problems.append(f"bad step {state.get('step')!r}")
+        if not isinstance(state.get("anchored"), bool):
+            problems.append(f"bad 'anchored' flag {state.get('anchored')!r}")
         if problems:
             raise ValueError("cannot load averager state: " + "; ".join(problems))
         for key in keys:
@@ -716,12 +738,21 @@ class BEMA(_Averager):
         if t < self.update_after:
             return None
         if not self._anchored:
-            self._anchored = True
             return 1.0, 0.0, 0.0, True
         if (t - self.update_after) % self.update_every:
             return None
         beta, alpha = self.coefficients(t)
         return 1.0 - beta, beta, alpha, False
+
+
+@functools.cache
+def _register_cpp_fake() -> None:
+    """A fake (meta) implementation of the C++ op, so that torch.compile can trace an update."""
+    _dispatch.load_cpp()
+
+    @torch.library.register_fake("emalora_fast::averager_update")
+    def _(params, teachers, ema, theta0, out, flag, c_ema, c_theta, alpha, reset):
+        return None
 
 
 # --------------------------------------------------------------------------------------------

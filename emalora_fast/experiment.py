@@ -66,7 +66,7 @@ class Config:
     divergence: str = "forward_kl"
     temperature: float = 1.0
     hard_label_weight: float = 0.5
-    distill_from_step: int | None = None  # None: bema_update_after
+    distill_from_step: int | None = None  # None: bema_update_after + 1
     ema_decay: float = 0.99
     bema_update_after: int | None = None  # None: a quarter of the steps (the paper's burn-in)
     device: str = "cpu"
@@ -83,8 +83,8 @@ class Config:
     def validate(self) -> None:
         if self.bema_update_after is None and isinstance(self.steps, int):
             self.bema_update_after = self.steps // 4
-        if self.distill_from_step is None:
-            self.distill_from_step = self.bema_update_after
+        if self.distill_from_step is None:  # the first step whose teacher holds an average
+            self.distill_from_step = self.bema_update_after + 1
         ints = dict(
             steps=1,
             pretrain_steps=0,

@@ -615,7 +615,10 @@ def _reduction_scale(reduction, labels, ignore_index, n_rows, vocab, num_items, 
     if reduction == "sum":
         return torch.ones((), dtype=dtype, device=device)
     if reduction == "batchmean" and num_items is not None:
-        denom = torch.as_tensor(num_items, device=device).to(dtype)
+        if isinstance(num_items, torch.Tensor):
+            denom = num_items.to(device=device, dtype=dtype)
+        else:  # a host number: a fill, no host-to-device copy
+            denom = torch.full((), float(num_items), dtype=dtype, device=device)
     elif labels is None:
         denom = torch.full((), n_rows, dtype=dtype, device=device)
     else:

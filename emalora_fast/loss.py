@@ -493,8 +493,9 @@ def distillation_loss(
     if reduction == "mean":
         return total / (n_valid * vocab)
     if num_items_in_batch is not None:
-        denom = torch.as_tensor(num_items_in_batch, device=device)
-        return total / denom.clamp_min(1).to(rows.dtype)
+        if not isinstance(num_items_in_batch, torch.Tensor):  # a host number: no copy, no sync
+            return total / max(float(num_items_in_batch), 1.0)
+        return total / num_items_in_batch.to(device).clamp_min(1).to(rows.dtype)
     return total / n_valid
 
 

@@ -118,8 +118,8 @@ class SelfDistiller:
             return self.forward_model(**inputs).logits
         base = _base(self.model)
         base.set_output_embeddings(nn.Identity())
-        try:
-            return self.forward_model(**inputs).logits
+        try:  # some models upcast their logits: hand the loss the head's dtype
+            return self.forward_model(**inputs).logits.to(self._head.weight.dtype)
         finally:
             base.set_output_embeddings(self._head)
 
@@ -141,7 +141,12 @@ class SelfDistiller:
         """
         self.step = self.step + 1 if step is None else step
         ignore = self.loss.options["ignore_index"]
-        labels = next_token_labels(batch.get("labels", batch["input_ids"]), ignore)
+        raw = batch.get("labels")
+        if raw is None:  # next-token prediction on the inputs; padding is not scored
+            raw = batch["input_ids"]
+            if "attention_mask" in batch:
+                raw = raw.masked_fill(batch["attention_mask"] == 0, ignore)
+        labels = next_token_labels(raw, ignore)
         flat_labels = labels.reshape(-1)
         if self.step < self.distill_from_step:
             out = self._forward(batch)
@@ -150,9 +155,12 @@ class SelfDistiller:
                 logits.reshape(-1, logits.shape[-1]).float(), flat_labels,
                 ignore_index=ignore, reduction="sum",
             )  # fmt: skip
-            denom = num_items_in_batch if num_items_in_batch is not None else (
-                flat_labels.ne(ignore).sum().clamp_min(1)
-            )  # fmt: skip
+            if num_items_in_batch is None:
+                denom = flat_labels.ne(ignore).sum().clamp_min(1)
+            elif isinstance(num_items_in_batch, torch.Tensor):
+                denom = num_items_in_batch.clamp_min(1)
+            else:
+                denom = max(num_items_in_batch, 1)
             loss = ce / denom
             return loss, {"loss": loss.detach(), "distilling": False}
         with torch.no_grad(), self._teacher_active():

@@ -414,7 +414,7 @@ def test_load_state_dict_rejects_mismatch_and_changes_nothing():
     avg.update()
     before = avg.state_dict()
     other = BEMA(Bag([10, 21], torch.float32), param_filter=ALL).state_dict()
-    with pytest.raises(ValueError, match="expected shape"):
+    with pytest.raises(ValueError, match="expected a floating tensor of shape"):
         avg.load_state_dict(other)
     other_hp = BEMA(Bag([10, 20], torch.float32), param_filter=ALL, lag=3.0).state_dict()
     with pytest.raises(ValueError, match="lag"):
@@ -498,3 +498,34 @@ def test_forced_cpp_without_extension_names_the_import_error(monkeypatch):
     # auto falls back to the pure-PyTorch path
     avg = EMA(Bag([3], torch.float32), param_filter=ALL)
     assert {g.backend for g in avg._groups} == {"torch"}
+
+
+def test_failed_update_changes_nothing(monkeypatch):
+    model = Bag([10, 300], torch.float32)
+    avg = BEMA(model, param_filter=ALL, update_after=2)
+    avg.update()
+    model.perturb(1.0)
+
+    def broken(*args):
+        raise RuntimeError("launch failed")
+
+    monkeypatch.setattr(avg, "_launch", broken)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        avg.update()  # step 2: the reset that takes theta_0
+    assert avg.step == 1 and not avg._anchored
+    monkeypatch.undo()
+    avg.update()  # the retry takes theta_0 now
+    assert avg.step == 2 and avg._anchored
+    theta = {f"ps.{i}": p.detach() for i, p in enumerate(model.ps)}
+    for k, v in avg.averaged_state_dict().items():
+        assert torch.equal(v, theta[k])
+
+
+def test_steps_must_increase():
+    avg = EMA(Bag([3], torch.float32), param_filter=ALL)
+    avg.update(step=5)
+    with pytest.raises(ValueError, match="does not follow"):
+        avg.update(step=5)
+    with pytest.raises(ValueError, match="does not follow"):
+        avg.update(step=4)
+    assert avg.step == 5

@@ -34,7 +34,6 @@ def test_quick_run_writes_curves_plot_summary_and_adapters(tmp_path, capsys):
         assert all(0 < x < 10 for x in c["student"] + c["averaged"]), name
     # the same seed and data order: every variant starts from the same held-out loss
     assert len({c["student"][0] for c in curves.values()}) == 1
-    assert curves["lora+bema-weights"]["averaged"] == curves["lora"]["averaged"]
     out = capsys.readouterr().out
     assert "| lora+bema-teacher |" in out
 
@@ -93,10 +92,8 @@ def test_interrupted_run_resumes_to_the_same_curves(tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "_StopFlag", real)
     assert run_cli(tmp_path, "--run-name", "cut", "--resume") == 0
     cut = json.loads((tmp_path / "cut" / "curves.json").read_text())["curves"]
-    for key in ("step", "student", "averaged"):
-        assert cut["lora+bema-teacher"][key] == pytest.approx(
-            full["lora+bema-teacher"][key], rel=1e-6
-        )
+    for key in ("step", "student", "averaged"):  # bit for bit
+        assert cut["lora+bema-teacher"][key] == full["lora+bema-teacher"][key], key
 
 
 @pytest.mark.parametrize(

@@ -205,3 +205,20 @@ def test_trainer_subclass_with_gradient_accumulation(tmp_path):
     # every micro-batch is normalized by the scored tokens of the whole accumulated batch:
     # 2 micro-batches x 2 sequences, each with 10 targets of which the first 3 are unscored
     assert [int(n) for n in seen] == [4 * 7] * 8
+
+
+def test_padding_is_not_scored_without_labels():
+    model = tiny_model()
+    d = SelfDistiller(model, teacher="base", hard_label_weight=0.5)
+    b = batch(9)
+    mask = torch.ones_like(b["input_ids"])
+    mask[1, 7:] = 0  # right padding of the second sequence
+    implicit, _ = d.compute_loss({"input_ids": b["input_ids"], "attention_mask": mask})
+    labels = b["input_ids"].masked_fill(mask == 0, -100)
+    explicit, _ = d.compute_loss(
+        {"input_ids": b["input_ids"], "attention_mask": mask, "labels": labels}
+    )
+    assert torch.equal(implicit, explicit)
+    unmasked, _ = d.compute_loss({"input_ids": b["input_ids"], "attention_mask": mask,
+                                  "labels": b["input_ids"]})  # fmt: skip
+    assert not torch.equal(implicit, unmasked)

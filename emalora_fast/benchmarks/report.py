@@ -42,6 +42,17 @@ class Row:
     goal_ratio: float | None = None  # achieved / goal, worst of the goals (>= 1 meets them)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _metadata(device: torch.device) -> dict:
     try:
         commit = subprocess.run(
@@ -49,7 +60,7 @@ def _metadata(device: torch.device) -> dict:
         ).stdout.strip()
     except OSError:
         commit = ""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     try:
         import triton
 
@@ -215,8 +226,12 @@ def run_bench(
         w.writerows(asdict(r) for r in rows)
     with open(os.path.join(output_dir, "bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
-    for bench in sorted({r.bench.split("-")[0] for r in rows}):
-        picked = [r for r in rows if r.bench.startswith(bench)]
+
+    def family(r: Row) -> str:  # averager-ema and averager-bema share one plot
+        return "averager" if r.bench.startswith("averager") else r.bench
+
+    for bench in sorted({family(r) for r in rows}):
+        picked = [r for r in rows if family(r) == bench]
         _plot(picked, os.path.join(output_dir, f"{bench}.png"), f"{bench} on {meta['device']}")
     print(f"written to {output_dir}: bench.csv, bench.json and one PNG per benchmark")
     return rows

@@ -95,7 +95,8 @@ class SelfDistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = self.distiller.compute_loss(
+        loss, _ = self.distiller.compute_loss(
             inputs, step=self.state.global_step + 1, num_items_in_batch=num_items_in_batch
         )
-        return (loss, metrics) if return_outputs else loss
+        # evaluation reads every non-loss entry of the outputs as logits: give it none
+        return (loss, {"loss": loss}) if return_outputs else loss
