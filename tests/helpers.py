@@ -44,3 +44,35 @@ def one_ulp_bound(ref: torch.Tensor, dtype: torch.dtype) -> float:
     mag = ref.double().abs().clamp_min(torch.finfo(dtype).tiny)
     ulp = torch.exp2(torch.floor(torch.log2(mag))) * mant
     return ulp.norm().item() / max(ref.double().norm().item(), 1e-300) + 1e-12
+
+
+def tiny_llama(vocab: int = 128, layers: int = 2, seed: int = 0):
+    """A tiny LlamaForCausalLM built from a config (no download), seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_peft_llama(vocab: int = 128, layers: int = 2, seed: int = 0, b_std: float = 0.02):
+    """``tiny_llama`` with an all-linear LoRA (r=4) whose B factors are random, not peft's zeros
+    (so that the adapter changes the outputs)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_llama(vocab, layers, seed), LoraConfig(r=4, target_modules="all-linear")
+    )
+    if b_std:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, b_std)
+    return model

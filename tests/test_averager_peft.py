@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import FP32_RTOL, assert_close
+from helpers import FP32_RTOL, assert_close, tiny_llama, tiny_peft_llama
 
 from emalora_fast import BEMA, EMA
 
@@ -13,26 +13,11 @@ transformers = pytest.importorskip("transformers")
 
 
 def tiny_base(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(seed=seed)
 
 
 def tiny_peft_model(seed: int = 0):
-    base = tiny_base(seed)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules="all-linear"))
-    with torch.no_grad():  # peft starts lora_B at zero; make the adapter non-trivial
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
-    return model
+    return tiny_peft_llama(seed=seed)
 
 
 def train_steps(model, opt, avg, steps: int, seed: int = 0):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import FP32_RTOL, assert_close
+from helpers import FP32_RTOL, assert_close, tiny_peft_llama
 
 from emalora_fast import BEMA, EMA, DistillationLoss, SelfDistiller, distillation_loss
 from emalora_fast.self_distill import next_token_labels
@@ -16,23 +16,7 @@ FUSED = [False, True]
 
 
 def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = peft.get_peft_model(
-        transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=4, target_modules="all-linear")
-    )
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return model
+    return tiny_peft_llama(vocab=96, seed=seed, b_std=0.05)
 
 
 def batch(seed: int = 1, b: int = 3, s: int = 11):

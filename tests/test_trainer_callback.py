@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import tiny_peft_llama
 
 from emalora_fast import BEMA
 from emalora_fast.integrations.transformers import AveragerCallback, state_path
@@ -15,19 +16,7 @@ peft = pytest.importorskip("peft")
 
 
 def tiny_model():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = peft.get_peft_model(
-        transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=4, target_modules="all-linear")
-    )
-    return model
+    return tiny_peft_llama(vocab=64, layers=1, b_std=0.0)
 
 
 class Tokens(torch.utils.data.Dataset):
