@@ -173,6 +173,50 @@ def bench_fused_linear(device: torch.device, quick: bool) -> list[Row]:
     return rows
 
 
+def bench_scaling(device: torch.device, output_dir: str) -> list[dict]:
+    """Time vs size on log axes: the averager vs the number of tensors (BEMA, ours vs foreach)
+    and the loss vs N·V (ours vs naive). Returns the points and writes scaling.png."""
+    from . import distill_loss as loss_cases
+
+    points = []
+    layer_counts = [1, 2, 4, 8] + ([16, 32] if device.type == "cuda" else [])
+    for layers in layer_counts:
+        providers, numel = averager_cases.cases("bema", "llama3-8b", device, layers=layers)
+        for p in ("emalora", "foreach"):
+            t = measure(providers[p], device, reps=7)
+            points.append(dict(bench="averager-bema", provider=p, size=14 * layers, seconds=t))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for n, v in [(256, 8000), (1024, 16000), (2048, 32000)]:
+        s, t_ = loss_cases.make_inputs(n, v, dtype, device.type)
+        for p in ("emalora", "naive"):
+            t = measure(lambda p=p, s=s, t_=t_: loss_cases.step(p, s, t_), device, reps=3)
+            points.append(dict(bench="distill-loss", provider=p, size=n * v, seconds=t))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, bench, xlabel in zip(
+        axes, ("averager-bema", "distill-loss"), ("LoRA tensors", "N·V (logits per input)")
+    ):
+        for p in sorted({q["provider"] for q in points if q["bench"] == bench}):
+            pts = [q for q in points if q["bench"] == bench and q["provider"] == p]
+            ax.plot([q["size"] for q in pts], [q["seconds"] * 1e3 for q in pts], marker="o",
+                    label=p)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("time (ms)")
+        ax.set_title(bench, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "scaling.png"), dpi=120)
+    plt.close(fig)
+    return points
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -233,5 +277,9 @@ def run_bench(
     for bench in sorted({family(r) for r in rows}):
         picked = [r for r in rows if family(r) == bench]
         _plot(picked, os.path.join(output_dir, f"{bench}.png"), f"{bench} on {meta['device']}")
+    if not quick:
+        scaling = bench_scaling(dev, output_dir)
+        with open(os.path.join(output_dir, "scaling.json"), "w") as f:
+            json.dump({"meta": meta, "points": scaling}, f, indent=1)
     print(f"written to {output_dir}: bench.csv, bench.json and one PNG per benchmark")
     return rows
