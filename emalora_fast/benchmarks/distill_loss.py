@@ -6,7 +6,8 @@ Providers (forward KL, batchmean, one forward + backward):
 - ``emalora``: :func:`emalora_fast.distillation_loss` (C++ op on CPU, Triton on CUDA);
 - ``emalora_inplace``: the same with ``inplace_grad=True`` (gradient written over the logits);
 - ``naive``: ``F.kl_div(log_softmax(s), log_softmax(t), log_target=True, reduction="batchmean")``;
-- ``chunked``: the same formula over token chunks (torchtune's chunked-loss form).
+- ``chunked``: the same formula over token chunks (torchtune's chunked-loss form);
+- ``liger``: Liger-Kernel's ``LigerKLDIVLoss`` on materialized log-softmaxes (CUDA, optional).
 
 Extra peak memory = growth of peak memory during one forward + backward beyond the inputs and
 the gradient buffer (CPU: VmHWM of a fresh process after a warm-up; CUDA: max_memory_allocated).
@@ -54,6 +55,12 @@ def loss_fn(provider: str):
             log_target=True,
             reduction="batchmean",
         )
+    if provider == "liger":  # optional extra: needs liger-kernel and a CUDA device
+        from liger_kernel.transformers import LigerKLDIVLoss
+
+        kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+        # Liger wants log-probabilities the caller has already materialized
+        return lambda s, t: kl(F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1))
     if provider == "chunked":
 
         def chunked(s, t):
@@ -209,3 +216,14 @@ if __name__ == "__main__":
         print(json.dumps(_measure_peak(provider, device, int(n), int(v), getattr(torch, dt))))
     else:
         main()
+
+
+def liger_available(device: str) -> bool:
+    """Whether the optional Liger-Kernel provider can run on ``device``."""
+    if device != "cuda":
+        return False
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:
+        return False
+    return True

@@ -124,9 +124,19 @@ def bench_loss(device: torch.device, quick: bool) -> list[Row]:
     copy_t = measure(copy_case(n * v * elem // 4, device), device, reps=reps)
     copy_gbps = 8 * (n * v * elem // 4) / copy_t / 1e9
     floor = 5 * elem * n * v  # fwd and bwd read s and t; bwd writes the gradient
-    providers = ("emalora", "naive", "chunked")
-    times = {p: measure(lambda p=p: loss_cases.step(p, s, t), device, reps=reps) for p in providers}
-    mems = {p: loss_cases.peak_memory(p, dev, (n, v, dtype))["extra_peak_bytes"] for p in providers}
+    providers = ["emalora", "naive", "chunked"]
+    if loss_cases.liger_available(dev):
+        providers.append("liger")
+    times, mems = {}, {}
+    for p in providers:
+        try:
+            times[p] = measure(lambda p=p: loss_cases.step(p, s, t), device, reps=reps)
+            mems[p] = loss_cases.peak_memory(p, dev, (n, v, dtype))["extra_peak_bytes"]
+        except Exception as exc:  # an optional baseline must not stop the run
+            if p in ("emalora", "naive"):
+                raise
+            print(f"distill-loss: provider {p} skipped ({type(exc).__name__}: {exc})")
+    providers = [p for p in providers if p in times]
     case = f"N={n} V={v} {str(dtype).removeprefix('torch.')}"
     rows = []
     for p in providers:
