@@ -1,16 +1,9 @@
-"""Command line: ``emalora-fast demo | bench`` (also ``python -m emalora_fast``)."""
+"""Command line: ``emalora-fast distill | bench`` (also ``python -m emalora_fast``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    run_demo(steps=args.steps, output_dir=args.output_dir)
-    return 0
 
 
 def _distill(args: argparse.Namespace) -> int:
@@ -57,10 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fused EMA/BEMA averaging of LoRA adapters and streaming distillation losses.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a tiny LoRA model and compare it with its BEMA")
-    demo.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
-    demo.add_argument("--output-dir", default="emalora-runs/demo", help="where the adapter goes")
-    demo.set_defaults(func=_demo)
     d = sub.add_parser(
         "distill",
         help="train a LoRA run plain, with an EMA teacher and with a BEMA teacher; compare",

@@ -26,6 +26,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err as _rel_err
 
 import emalora_fast.fused_linear as fl_mod
 from emalora_fast import (
@@ -61,13 +62,6 @@ def _ready(backend: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # Error measures.
 # ------------------------------------------------------------------------------------------------
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    denom = ref.norm().item()
-    diff = (out - ref).norm().item()
-    return diff / denom if denom > 0 else diff
-
-
 def _max_abs_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| relative to max |ref|."""
     if out.numel() == 0:
@@ -554,7 +548,7 @@ def test_grad_filter(backend):
     _ready(backend)
     n, h, v = 24, 16, 1000
     p = make_problem(n, h, v, head="shared")
-    p["bs"][:50] += 12.0  # both models put nearly all mass on the first 50 entries
+    p["bs"][:50] += 25.0  # both models put nearly all mass on the first 50 entries
     labels = make_labels((n,), v)
     go = grad_output((n,))
     kw = dict(reduction="none", labels=labels)

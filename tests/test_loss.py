@@ -25,6 +25,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import rel_err as _rel_err
 
 from emalora_fast import DistillationLoss, distillation_loss
 from emalora_fast._dispatch import cpp_available
@@ -58,13 +59,6 @@ TINY = torch.finfo(torch.float32).tiny
 def _backend_ready(backend: str) -> None:
     if backend == "triton":
         pytest.importorskip("triton")
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    denom = ref.norm().item()
-    diff = (out - ref).norm().item()
-    return diff / denom if denom > 0 else diff
 
 
 def rounding_scales(
