@@ -407,7 +407,7 @@ def run_experiment(cfg: Config, *, resume: bool = False, progress=None) -> dict[
     if resume:
         if not os.path.isfile(ck_path):
             raise ExperimentError(f"nothing to resume: {ck_path} does not exist")
-        state = torch.load(ck_path, weights_only=False)
+        state = torch.load(ck_path, weights_only=True)
         keep = {"output_dir": cfg.output_dir, "run_name": cfg.run_name}
         cfg = Config(**{**state["config"], **keep})
     _check_writable(cfg.run_dir)

@@ -87,7 +87,7 @@ def test_interrupted_run_resumes_to_the_same_curves(tmp_path, monkeypatch):
     monkeypatch.setattr(experiment.BEMA, "update", counting_update)
     rc = run_cli(tmp_path, "--run-name", "cut", "--variants", "lora+bema-teacher")
     assert rc == 130
-    ck = torch.load(tmp_path / "cut" / experiment.CHECKPOINT, weights_only=False)
+    ck = torch.load(tmp_path / "cut" / experiment.CHECKPOINT, weights_only=True)
     assert ck["current"]["step"] == 5
     monkeypatch.setattr(experiment, "_StopFlag", real)
     assert run_cli(tmp_path, "--run-name", "cut", "--resume") == 0
