@@ -50,8 +50,10 @@ from .loss import (
     _check_labels,
     _check_options,
     _choose_backend,
+    _divergence_terms,
     _forward,
     _shift,
+    _teacher_vocab_matches,
 )
 
 __all__ = ["FusedLinearDistillationLoss", "fused_linear_distillation_loss"]
@@ -405,17 +407,8 @@ def _check_tensors(hs, ws, ht, wt, bs, bt, teacher_vocab):
         raise ValueError("the vocabulary dimension of the weights is empty")
     if ws.shape[1] == 0 or wt.shape[1] == 0:
         raise ValueError("the hidden dimension of the weights is empty")
-    if v_t != v_s:
-        if teacher_vocab == "truncate" and v_t > v_s:
-            return wt[:v_s], (bt[:v_s] if bt is not None else None)
-        hint = (
-            "; pass teacher_vocab='truncate' to drop the teacher's extra entries"
-            if v_t > v_s
-            else "; the teacher vocabulary cannot be smaller than the student's"
-        )
-        raise ValueError(
-            f"teacher vocabulary size {v_t} differs from student vocabulary size {v_s}{hint}"
-        )
+    if not _teacher_vocab_matches(v_s, v_t, teacher_vocab):
+        return wt[:v_s], (bt[:v_s] if bt is not None else None)
     return wt, bt
 
 
@@ -560,13 +553,9 @@ def fused_linear_distillation_loss(
     has_fp64 = torch.float64 in (student_hidden.dtype, teacher_hidden.dtype)
     chosen = _choose(backend, device, has_fp64)
 
-    code = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD}[divergence]
-    if code == JSD and beta == 0.0:
-        code = FORWARD_KL
-    elif code == JSD and beta == 1.0:
-        code = REVERSE_KL
-    t2 = float(temperature) ** 2 if scale_by_temperature_squared else 1.0
-    w = float(hard_label_weight)
+    code, t2, w = _divergence_terms(
+        divergence, beta, temperature, scale_by_temperature_squared, hard_label_weight
+    )
     need = (
         student_hidden.requires_grad,
         student_weight.requires_grad,

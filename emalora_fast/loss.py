@@ -336,18 +336,24 @@ def _check_logits(student: torch.Tensor, teacher: torch.Tensor, teacher_vocab: s
     v_s, v_t = student.shape[-1], teacher.shape[-1]
     if v_s == 0:
         raise ValueError("the vocabulary dimension of the logits is empty")
-    if v_t != v_s:
-        if teacher_vocab == "truncate" and v_t > v_s:
-            return teacher[..., :v_s]
-        hint = (
-            "; pass teacher_vocab='truncate' to drop the teacher's extra entries"
-            if v_t > v_s
-            else "; the teacher vocabulary cannot be smaller than the student's"
-        )
-        raise ValueError(
-            f"teacher vocabulary size {v_t} differs from student vocabulary size {v_s}{hint}"
-        )
-    return teacher
+    return teacher if _teacher_vocab_matches(v_s, v_t, teacher_vocab) else teacher[..., :v_s]
+
+
+def _teacher_vocab_matches(v_s: int, v_t: int, teacher_vocab: str) -> bool:
+    """True when the vocabularies agree; False when the teacher's extra entries are to be
+    dropped (``teacher_vocab="truncate"``); raises for any other mismatch, naming both sizes."""
+    if v_t == v_s:
+        return True
+    if teacher_vocab == "truncate" and v_t > v_s:
+        return False
+    hint = (
+        "; pass teacher_vocab='truncate' to drop the teacher's extra entries"
+        if v_t > v_s
+        else "; the teacher vocabulary cannot be smaller than the student's"
+    )
+    raise ValueError(
+        f"teacher vocabulary size {v_t} differs from student vocabulary size {v_s}{hint}"
+    )
 
 
 def _check_labels(labels: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
@@ -363,6 +369,24 @@ def _check_labels(labels: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     if labels.device != student.device:
         raise ValueError(f"labels are on {labels.device} and the logits on {student.device}")
     return labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def _divergence_terms(
+    divergence: str,
+    beta: float,
+    temperature: float,
+    scale_by_temperature_squared: bool,
+    hard_label_weight: float,
+) -> tuple[int, float, float]:
+    """(kernel divergence code, T**2 factor or 1, hard-label weight w). JSD at beta = 0 and 1
+    is run as forward and reverse KL, which it equals, with no third pass."""
+    code = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD}[divergence]
+    if code == JSD and beta == 0.0:
+        code = FORWARD_KL
+    elif code == JSD and beta == 1.0:
+        code = REVERSE_KL
+    t2 = float(temperature) ** 2 if scale_by_temperature_squared else 1.0
+    return code, t2, float(hard_label_weight)
 
 
 def _rows(x: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -461,13 +485,9 @@ def distillation_loss(
     has_fp64 = torch.float64 in (student_logits.dtype, teacher_logits.dtype)
     chosen = _choose_backend(backend, device.type, has_fp64)
 
-    code = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD}[divergence]
-    if code == JSD and beta == 0.0:
-        code = FORWARD_KL
-    elif code == JSD and beta == 1.0:
-        code = REVERSE_KL
-    t2 = float(temperature) ** 2 if scale_by_temperature_squared else 1.0
-    w = float(hard_label_weight)
+    code, t2, w = _divergence_terms(
+        divergence, beta, temperature, scale_by_temperature_squared, hard_label_weight
+    )
     rows = DistillationLossFunction.apply(
         _rows(student_logits, vocab),
         _rows(teacher_logits, vocab),
