@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from emalora_fast import cli, experiment
+from emalora_fast import cli, data, experiment, runs
 
 peft = pytest.importorskip("peft")
 
@@ -31,39 +31,35 @@ def test_quick_run_writes_curves_plot_summary_and_adapters(tmp_path, capsys):
     assert set(curves) == {"lora", "lora+ema-teacher", "lora+bema-teacher", "lora+bema-weights"}
     for name, c in curves.items():
         assert c["step"] == [0, 4, 8], name
-        assert all(0 < x < 10 for x in c["student"] + c["averaged"]), name
+        for split in ("val", "test", "forget"):
+            values = c[f"student/{split}"] + c[f"averaged/{split}"]
+            assert len(values) == 6 and all(0 < x < 10 for x in values), (name, split)
     # the same seed and data order: every variant starts from the same held-out loss
-    assert len({c["student"][0] for c in curves.values()}) == 1
+    assert len({c["student/test"][0] for c in curves.values()}) == 1
     out = capsys.readouterr().out
     assert "| lora+bema-teacher |" in out
 
     # the adapters load with peft and reproduce the recorded held-out losses
     from transformers import LlamaForCausalLM
 
-    cfg = experiment.Config.quick_defaults(output_dir=str(tmp_path), run_name="r")
-    windows = _windows(cfg)
+    cfg = experiment.Config.quick_defaults(output_dir=str(tmp_path), run_name="r", seq_len=32)
+    splits = runs.make_data(cfg, runs.load_texts(cfg), data.encode_bytes).splits
     for name in experiment.VARIANTS:
-        for kind, key in (("student", "student"), ("averaged", "averaged")):
-            base = LlamaForCausalLM(experiment._tiny_llama_config())
+        for kind in ("student", "averaged"):
+            base = LlamaForCausalLM(runs.tiny_llama_config())
             base.load_state_dict(torch.load(run / "base_model.pt", weights_only=True))
             model = peft.PeftModel.from_pretrained(base, run / "adapters" / name / kind)
-            loss = experiment._held_out_loss(model, windows)
-            assert loss == pytest.approx(curves[name][key][-1], rel=1e-5), (name, kind)
-
-
-def _windows(cfg):
-    from emalora_fast import data
-
-    tokens = data.encode_bytes(data.load_text("psalms"))
-    split = int(0.9 * tokens.numel())
-    return experiment._eval_windows(tokens[split:], 32)
+            for split in ("test", "forget"):
+                loss = runs.held_out_loss(model, splits[split])
+                expected = curves[name][f"{kind}/{split}"][-1]
+                assert loss == pytest.approx(expected, rel=1e-5), (name, kind, split)
 
 
 def test_interrupted_run_resumes_to_the_same_curves(tmp_path, monkeypatch):
     assert run_cli(tmp_path, "--run-name", "full", "--variants", "lora+bema-teacher") == 0
     full = json.loads((tmp_path / "full" / "curves.json").read_text())["curves"]
 
-    real = experiment._StopFlag
+    real = experiment.StopFlag
 
     class StopAfterFive(real):
         """Ctrl-C arrives during step 5 of the first variant."""
@@ -77,22 +73,22 @@ def test_interrupted_run_resumes_to_the_same_curves(tmp_path, monkeypatch):
             self._requested = v
 
     StopAfterFive.steps_seen = 0
-    orig_update = experiment.BEMA.update
+    orig_update = runs.BEMA.update
 
     def counting_update(self, step=None):
         StopAfterFive.steps_seen += 1
         return orig_update(self, step)
 
-    monkeypatch.setattr(experiment, "_StopFlag", StopAfterFive)
-    monkeypatch.setattr(experiment.BEMA, "update", counting_update)
+    monkeypatch.setattr(experiment, "StopFlag", StopAfterFive)
+    monkeypatch.setattr(runs.BEMA, "update", counting_update)
     rc = run_cli(tmp_path, "--run-name", "cut", "--variants", "lora+bema-teacher")
     assert rc == 130
     ck = torch.load(tmp_path / "cut" / experiment.CHECKPOINT, weights_only=True)
     assert ck["current"]["step"] == 5
-    monkeypatch.setattr(experiment, "_StopFlag", real)
+    monkeypatch.setattr(experiment, "StopFlag", real)
     assert run_cli(tmp_path, "--run-name", "cut", "--resume") == 0
     cut = json.loads((tmp_path / "cut" / "curves.json").read_text())["curves"]
-    for key in ("step", "student", "averaged"):  # bit for bit
+    for key in full["lora+bema-teacher"]:  # bit for bit
         assert cut["lora+bema-teacher"][key] == full["lora+bema-teacher"][key], key
 
 

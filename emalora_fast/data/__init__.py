@@ -4,8 +4,10 @@
   Used to pre-train the small default model.
 - ``psalms``: the book of Psalms, King James Version, ~240 KB. Used as the LoRA adaptation
   domain (poetry rather than narrative).
+- ``us_founding``: the Constitution of the United States and the Declaration of Independence,
+  ~55 KB. General English prose, the forgetting probe of pre-trained models.
 
-The KJV text's copyright has long expired; see SOURCES.md beside this file.
+All three are in the public domain; see SOURCES.md beside this file.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 CORPORA = {
     "genesis_exodus": "kjv_genesis_exodus.txt.gz",
     "psalms": "kjv_psalms.txt.gz",
+    "us_founding": "us_founding.txt.gz",
 }
 
 # Byte-level tokens: ids 0..255 are bytes; no special tokens are needed for causal LM training.
