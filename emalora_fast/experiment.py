@@ -1,4 +1,4 @@
-"""The main job, ``emalora-fast distill``: does an EMA/BEMA self-teacher help a LoRA run?
+"""The main job, ``emalora-fast distill``: one seed of LoRA with and without a self-teacher.
 
 It trains the same LoRA run (same seed, same data order) three ways and reads four curves off
 them:
@@ -8,10 +8,13 @@ them:
 - ``lora+ema-teacher``: LoRA distilled from its own EMA adapter (plus the cross-entropy);
 - ``lora+bema-teacher``: LoRA distilled from its own BEMA adapter (plus the cross-entropy).
 
-Every evaluation step records the held-out loss of the student and of its averaged weights.
-Outputs go to ``<output-dir>/<run-name>/``: ``curves.json``, ``curves.csv``, ``curves.png``,
-``summary.md``, ``config.json`` and the final adapters (peft format) under ``adapters/``. The
-run checkpoints after every evaluation and on Ctrl-C; ``--resume`` continues it.
+Every evaluation step records the held-out losses of the student and of its averaged weights on
+the validation and test splits of the adaptation text and on the pre-training domain
+(forgetting); see :mod:`.runs`. Outputs go to ``<output-dir>/<run-name>/``: ``curves.json``,
+``curves.csv``, ``curves.png``, ``summary.md``, ``config.json`` and the final adapters (peft
+format) under ``adapters/``. The run checkpoints after every evaluation and on Ctrl-C;
+``--resume`` continues it. One seed says nothing about seed-to-seed noise: ``--study``
+(:mod:`.study`) answers the question with seeds, tuned learning rates and intervals.
 
 By default everything is offline: a small Llama-architecture model is built from a config,
 pre-trained briefly on an embedded public-domain corpus (Genesis and Exodus, KJV, byte-level
