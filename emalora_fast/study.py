@@ -62,7 +62,8 @@ class StudySpec:
         sweep_seeds: seeds of the sweep.
         seeds: seeds of the final comparison at the chosen learning rates.
         grid_around: the variant whose settings the grid varies (None: no grid).
-        grid: label -> Config settings changed from ``grid_around``'s.
+        grid: label -> Config settings changed from ``grid_around``'s (``"variant"`` among them
+            switches the teacher kind, at ``grid_around``'s learning rate).
         grid_seeds: seeds of every grid point.
         notes: free text copied into the summary.
     """
@@ -97,12 +98,14 @@ class StudySpec:
             raise ExperimentError("study config: a grid needs 'grid_seeds'")
         _check_settings("base", self.base, allow_shared=True)
         for label, v in self.variants.items():
-            if v.get("variant") not in VARIANTS:
+            if not isinstance(v, dict) or v.get("variant") not in VARIANTS:
                 raise ExperimentError(
                     f"study config: variant {label!r} needs 'variant': one of {list(VARIANTS)}"
                 )
             _check_settings(f"variant {label!r}", {k: x for k, x in v.items() if k != "variant"})
         for label, point in self.grid.items():
+            if isinstance(point, dict):
+                point = {k: x for k, x in point.items() if k != "variant"}
             _check_settings(f"grid point {label!r}", point)
         for lr in self.lrs:  # every setting validates before anything runs
             for label in self.variants:
@@ -112,10 +115,13 @@ class StudySpec:
 
     def config(self, label: str, *, lr: float, seed: int, point: str | None = None) -> Config:
         """The run's settings: base, then the variant's, then the grid point's."""
-        v = {k: x for k, x in self.variants[label].items() if k != "variant"}
-        settings = {**self.base, **v, **(self.grid[point] if point else {}), "lr": lr, "seed": seed}
+        settings = {**self.base, **self.variants[label], **(self.grid[point] if point else {})}
+        teacher = settings.pop("variant")  # a grid point may switch the teacher kind
+        settings.update(lr=lr, seed=seed)
         try:
-            cfg = Config(**settings, variants=[self.variants[label]["variant"]])
+            if teacher not in VARIANTS:
+                raise ExperimentError(f"'variant' must be one of {list(VARIANTS)}, got {teacher!r}")
+            cfg = Config(**settings, variants=[teacher])
             cfg.validate()
         except ExperimentError as exc:
             where = f"grid point {point!r}" if point else f"variant {label!r}"
