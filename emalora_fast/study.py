@@ -197,7 +197,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "eval_every": 20,
             "eval_windows": 32,
             "batch_size": 8,
-            "seq_len": 128,
+            "seq_len": 64,
         },
         "variants": _VARIANTS,
         "lrs": [1e-3, 3e-3, 1e-2],
@@ -222,7 +222,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lrs": [1e-3],
         "sweep_seeds": [0],
         "seeds": [0, 1, 2],
-        "notes": "No learning-rate sweep (one value, 1e-3): the runs of this model are slow here.",
+        "notes": (
+            "No learning-rate sweep in this study (one value, 1e-3, for both variants): a run of "
+            "this model takes minutes on 2 CPU cores. The value comes from an exploratory "
+            "plain-LoRA sweep (seed 0, 40 steps; final validation loss 3.108 / 2.979 / 2.962 at "
+            "3e-4 / 1e-3 / 3e-3, forgetting-probe loss 3.43 / 3.58 / 3.86 from 3.28): 1e-3 and "
+            "3e-3 fit the new task within 0.02 nats and 3e-3 forgets more. The teacher variant "
+            "was not tuned separately."
+        ),
     },
     "micro": {  # seconds: CI and a smoke test of the whole pipeline
         "name": "study-micro",
