@@ -386,13 +386,12 @@ class LoraRun:
         torch.manual_seed(cfg.seed)
         self.model = model = lora_model(base, cfg)
         opts = dict(cfg.averager_options)
-        name = "teacher" if teacher != "none" else None
         if teacher == "ema":
             opts.setdefault("warmup", cfg.ema_warmup)
-            self.avg = EMA(model, cfg.ema_decay, teacher_adapter=name, **opts)
+            self.avg = EMA(model, cfg.ema_decay, **opts)
         else:  # the plain run keeps a BEMA of its weights, read as the `+bema-weights` curve
             opts.setdefault("update_after", cfg.bema_update_after)
-            self.avg = BEMA(model, teacher_adapter=name, **opts)
+            self.avg = BEMA(model, **opts)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
         self.distiller = None

@@ -182,26 +182,30 @@ _KNOBS = {
     "decay=0.995": {"ema_decay": 0.995},
     "decay=0.999": {"ema_decay": 0.999},
     "hard-label-w=0.2": {"hard_label_weight": 0.2},
-    "hard-label-w=0.8": {"hard_label_weight": 0.8},
     "T=2": {"temperature": 2.0},
     "reverse-kl": {"divergence": "reverse_kl"},
     "jsd-0.5": {"divergence": "jsd", "beta": 0.5},
+    # BEMA's teacher as its bias-corrected extrapolation ema + alpha (theta_t - theta_0)
+    "bema-teacher, teacher_weights=bema": {
+        "variant": "lora+bema-teacher",
+        "averager_options": {"teacher_weights": "bema"},
+    },
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
     "embedded": {
         "name": "study-embedded",
         "base": {
-            "steps": 200,
+            "steps": 150,
             "pretrain_steps": 1200,
-            "eval_every": 20,
+            "eval_every": 15,
             "eval_windows": 32,
             "batch_size": 8,
             "seq_len": 64,
         },
         "variants": _VARIANTS,
         "lrs": [1e-3, 3e-3, 1e-2],
-        "sweep_seeds": [0, 1, 2],
+        "sweep_seeds": [0, 1],
         "seeds": [0, 1, 2, 3, 4],
         "grid_around": "ema-teacher",
         "grid": _KNOBS,
@@ -211,7 +215,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "study-smollm2",
         "base": {
             "model": SMOLLM2,
-            "steps": 40,
+            "steps": 30,
             "eval_every": 10,
             "eval_windows": 8,
             "batch_size": 4,

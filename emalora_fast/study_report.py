@@ -77,7 +77,8 @@ def build_tables(spec, runs, results, chosen) -> dict[str, Any]:
         main.append(_row(v, chosen[v], rs, base_runs))
         if v == spec.baseline:
             main[-1]["d_test"] = main[-1]["d_forget"] = None
-        kind = "BEMA weights" if v == spec.baseline else "averaged (teacher) weights"
+        teacher = spec.variants[v]["variant"]
+        kind = "EMA weights = its teacher" if teacher == "lora+ema-teacher" else "BEMA weights"
         averaged.append(_row(f"{v} ({kind})", chosen[v], rs, base_runs, who="averaged"))
     grid = []
     if spec.grid:
