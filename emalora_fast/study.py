@@ -14,7 +14,8 @@ teacher settings around one variant; it writes one results folder (see :mod:`.st
 
 A run is the unit of resumption: a finished run writes ``runs/<label>/result.json`` and is never
 re-run; an interrupted one starts again. Runs are identified by their full settings, so a run
-shared by two phases (or by a grid point equal to the default) is trained once.
+shared by two phases (or by a grid point equal to the default, or by a changed study in the same
+folder: another learning rate, more seeds) is trained once.
 """
 
 from __future__ import annotations
@@ -277,8 +278,7 @@ class RunSpec:
     def key(self) -> str:
         d = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in NOT_SETTINGS}
         d["variant"] = self.config.variants[0]
-        blob = json.dumps(d, sort_keys=True, default=str).encode()
-        return hashlib.sha1(blob).hexdigest()[:10]
+        return _digest(d)
 
     @property
     def folder(self) -> str:
@@ -381,19 +381,14 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _check_same_study(study_dir: str, spec: StudySpec) -> None:
-    path = os.path.join(study_dir, "study.json")
-    mine = dataclasses.asdict(spec)
-    if os.path.isfile(path):
-        with open(path) as f:
-            theirs = json.load(f)
-        if theirs != json.loads(json.dumps(mine)):
-            raise ExperimentError(
-                f"{study_dir} holds a different study (its study.json differs); "
-                "choose another --run-name or --output-dir"
-            )
-    else:
-        _write_json(path, mine)
+def _base_cache(study_dir: str, cfg: Config) -> str:
+    """The embedded base model's file, named by the settings that define it."""
+    d = {k: getattr(cfg, k) for k in (*SHARED, "batch_size")}
+    return os.path.join(study_dir, f"base_model-{_digest(d)}.pt")
+
+
+def _digest(d: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def run_study(
@@ -406,12 +401,12 @@ def run_study(
         from tqdm.auto import tqdm as progress
     study_dir = os.path.join(output_dir, run_name or spec.name)
     check_writable(study_dir)
-    _check_same_study(study_dir, spec)
+    # The folder's study.json is the study last run there; runs are keyed by their settings, so
+    # a changed study (another learning rate, more seeds) reuses every run it shares.
+    _write_json(os.path.join(study_dir, "study.json"), dataclasses.asdict(spec))
     base_cfg = spec.config(spec.baseline, lr=spec.lrs[0], seed=spec.seeds[0])
     texts = load_texts(base_cfg)
-    base, encode = load_base(
-        base_cfg, texts.pretrain, os.path.join(study_dir, "base_model.pt"), progress
-    )
+    base, encode = load_base(base_cfg, texts.pretrain, _base_cache(study_dir, base_cfg), progress)
     data = make_data(base_cfg, texts, encode)
     steps = base_cfg.steps
 

@@ -204,13 +204,21 @@ def test_bad_study_config_files(tmp_path, capsys, content, message):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_a_folder_holding_another_study_is_refused(tmp_path, capsys):
+def test_a_changed_study_reuses_the_runs_it_shares(tmp_path, monkeypatch):
     study.run_study(micro(), str(tmp_path), "x", progress=quiet)
-    f = tmp_path / "other.json"
-    f.write_text(json.dumps({**study.PRESETS["micro"], "seeds": [0, 1], "sweep_seeds": [0, 1]}))
-    rc = cli.main(["distill", "--output-dir", str(tmp_path), "--run-name", "x",
-                   "--study-config", str(f)])  # fmt: skip
-    assert rc == 2 and "holds a different study" in capsys.readouterr().err
+    built = []
+    real_init = runs.LoraRun.__init__
+
+    def counting_init(self, cfg, variant, *a):
+        built.append((variant, cfg.seed))
+        real_init(self, cfg, variant, *a)
+
+    monkeypatch.setattr(runs.LoraRun, "__init__", counting_init)
+    out = study.run_study(micro(seeds=[0, 1]), str(tmp_path), "x", progress=quiet)
+    assert sorted(built) == [("lora", 1), ("lora+ema-teacher", 1)]  # only the new seed
+    assert [r["test"].n for r in out["tables"]["main"]] == [2, 2]
+    assert json.loads((tmp_path / "x" / "study.json").read_text())["seeds"] == [0, 1]
+    assert len(list((tmp_path / "x").glob("base_model-*.pt"))) == 1
 
 
 def test_the_presets_validate():
