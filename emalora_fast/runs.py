@@ -77,6 +77,7 @@ class Config:
     distill_from_step: int | None = None  # None: bema_update_after + 1
     ema_decay: float = 0.99
     ema_warmup: bool = True
+    plain_averager: Literal["bema", "ema"] = "bema"  # what a run without teacher averages
     bema_update_after: int | None = None  # None: a quarter of the steps (the paper's burn-in)
     averager_options: dict[str, Any] = field(default_factory=dict)  # extra EMA/BEMA keywords
     distiller_options: dict[str, Any] = field(default_factory=dict)  # extra SelfDistiller ones
@@ -121,6 +122,8 @@ class Config:
         _check_number("temperature", self.temperature, lambda v: v > 0, "> 0")
         _check_number("beta", self.beta, lambda v: 0 <= v <= 1, "in [0, 1]")
         _check_number("lora_dropout", self.lora_dropout, lambda v: 0 <= v < 1, "in [0, 1)")
+        if self.plain_averager not in ("bema", "ema"):
+            raise ExperimentError("--plain-averager must be bema or ema")
         if self.divergence not in ("forward_kl", "reverse_kl", "jsd"):
             raise ExperimentError("--divergence must be forward_kl, reverse_kl or jsd")
         for name in ("averager_options", "distiller_options"):
@@ -386,10 +389,10 @@ class LoraRun:
         torch.manual_seed(cfg.seed)
         self.model = model = lora_model(base, cfg)
         opts = dict(cfg.averager_options)
-        if teacher == "ema":
+        if teacher == "ema" or (teacher == "none" and cfg.plain_averager == "ema"):
             opts.setdefault("warmup", cfg.ema_warmup)
             self.avg = EMA(model, cfg.ema_decay, **opts)
-        else:  # the plain run keeps a BEMA of its weights, read as the `+bema-weights` curve
+        else:  # by default the plain run keeps a BEMA of its weights (`+bema-weights` curve)
             opts.setdefault("update_after", cfg.bema_update_after)
             self.avg = BEMA(model, **opts)
         trainable = [p for p in model.parameters() if p.requires_grad]

@@ -182,6 +182,10 @@ _VARIANTS = {
 _KNOBS = {
     "decay=0.995": {"ema_decay": 0.995},
     "decay=0.999": {"ema_decay": 0.999},
+    # with warm-up the decay stays below its cap for ~1000 steps: the caps matter only without
+    "decay=0.99, no warm-up": {"ema_decay": 0.99, "ema_warmup": False},
+    "decay=0.995, no warm-up": {"ema_decay": 0.995, "ema_warmup": False},
+    "decay=0.999, no warm-up": {"ema_decay": 0.999, "ema_warmup": False},
     "hard-label-w=0.2": {"hard_label_weight": 0.2},
     "T=2": {"temperature": 2.0},
     "reverse-kl": {"divergence": "reverse_kl"},
@@ -191,6 +195,8 @@ _KNOBS = {
         "variant": "lora+bema-teacher",
         "averager_options": {"teacher_weights": "bema"},
     },
+    # control: plain LoRA at the teacher's learning rate, its EMA weights read without distilling
+    "lora, no teacher (EMA weights read)": {"variant": "lora", "plain_averager": "ema"},
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -205,7 +211,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "seq_len": 64,
         },
         "variants": _VARIANTS,
-        "lrs": [1e-3, 3e-3, 1e-2],
+        "lrs": [1e-3, 3e-3, 1e-2, 3e-2],
         "sweep_seeds": [0, 1],
         "seeds": [0, 1, 2, 3, 4],
         "grid_around": "ema-teacher",
@@ -216,7 +222,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "study-smollm2",
         "base": {
             "model": SMOLLM2,
-            "steps": 30,
+            "steps": 40,
             "eval_every": 10,
             "eval_windows": 8,
             "batch_size": 4,

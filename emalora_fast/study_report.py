@@ -15,6 +15,7 @@ Writes, next to ``study.json`` and ``runs/`` (one ``result.json`` per run):
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import platform
@@ -80,7 +81,7 @@ def build_tables(spec, runs, results, chosen) -> dict[str, Any]:
         teacher = spec.variants[v]["variant"]
         kind = "EMA weights = its teacher" if teacher == "lora+ema-teacher" else "BEMA weights"
         averaged.append(_row(f"{v} ({kind})", chosen[v], rs, base_runs, who="averaged"))
-    grid = []
+    grid, grid_averaged = [], []
     if spec.grid:
         gb = _final_runs(spec, runs, results, spec.baseline, base_lr, spec.grid_seeds)
         lr = chosen[spec.grid_around]
@@ -89,6 +90,7 @@ def build_tables(spec, runs, results, chosen) -> dict[str, Any]:
         for p in spec.grid:
             rs = _final_runs(spec, runs, results, spec.grid_around, lr, spec.grid_seeds, p)
             grid.append(_row(p, lr, rs, gb, point=p))
+            grid_averaged.append(_row(f"{p} (its averaged weights)", lr, rs, gb, "averaged", p))
     sweep = []
     for v in spec.variants:
         for lr in spec.lrs:
@@ -104,7 +106,13 @@ def build_tables(spec, runs, results, chosen) -> dict[str, Any]:
                     "chosen": lr == chosen[v],
                 }
             )
-    return {"main": main, "averaged": averaged, "grid": grid, "sweep": sweep}
+    return {
+        "main": main,
+        "averaged": averaged,
+        "grid": grid,
+        "grid_averaged": grid_averaged,
+        "sweep": sweep,
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -166,7 +174,7 @@ def _verdict(d: Interval, what: str) -> str:
 def reading(spec, tables) -> list[str]:
     """Plain sentences generated from the intervals (no rounding of a non-significant result)."""
     lines = []
-    for r in tables["main"][1:] + tables["averaged"] + tables["grid"]:
+    for r in tables["main"] + tables["averaged"] + tables["grid"] + tables["grid_averaged"]:
         if r["label"] == spec.baseline or not r["seeds"]:
             continue
         n = r["test"].n
@@ -208,8 +216,20 @@ def summary_markdown(spec, tables, chosen, seconds: float, n_runs: int) -> str:
     L += _table(tables["averaged"], spec.baseline)
     if tables["grid"]:
         L += ["", f"## Teacher settings, one at a time around {spec.grid_around}", ""]
-        L += [f"Settings changed: {', '.join(f'{k} = {v}' for k, v in spec.grid.items())}.", ""]
+        L += [
+            f"Every grid run uses {spec.grid_around}'s learning rate and seeds "
+            f"{spec.grid_seeds}; Δ is paired against {spec.baseline} at its own learning rate on "
+            f"the same seeds. Settings changed: "
+            f"{'; '.join(f'{k}: {json.dumps(v)}' for k, v in spec.grid.items())}.",
+            "",
+        ]
         L += _table(tables["grid"], spec.baseline)
+        L += [
+            "",
+            "Averaged weights of the grid runs (EMA: the teacher; BEMA: the BEMA weights):",
+            "",
+        ]
+        L += _table(tables["grid_averaged"], spec.baseline)
     L += ["", "## Learning-rate sweep (validation loss, final step)", ""]
     L += [
         "| variant | LR | n | val loss, mean ± std | diverged | chosen |",
