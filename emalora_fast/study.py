@@ -48,6 +48,9 @@ __all__ = ["PRESETS", "StudySpec", "load_spec", "run_study"]
 # Settings every run of a study shares (they define the base model and the held-out windows).
 SHARED = ("model", "dataset", "pretrain_steps", "base_seed", "seq_len", "eval_windows", "device")
 NOT_SETTINGS = ("output_dir", "run_name", "quick", "variants")
+# Settings added after results were first kept: left out of a run's key while they hold their
+# default (which reproduces the earlier behaviour), so that earlier results stay valid.
+LATER_SETTINGS = {"plain_averager": "bema"}
 
 
 @dataclass
@@ -283,6 +286,9 @@ class RunSpec:
     @property
     def key(self) -> str:
         d = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in NOT_SETTINGS}
+        for k, default in LATER_SETTINGS.items():
+            if d.get(k) == default:
+                del d[k]
         d["variant"] = self.config.variants[0]
         return _digest(d)
 
