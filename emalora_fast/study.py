@@ -422,8 +422,13 @@ def run_study(
     data = make_data(base_cfg, texts, encode)
     steps = base_cfg.steps
 
-    runs, chosen = plan(spec, _load_results(study_dir, []))
-    results = _load_results(study_dir, runs)
+    results: dict[str, dict] = {}
+    while True:  # every finished run of every phase that the finished runs already decide
+        runs, chosen = plan(spec, results)
+        found = _load_results(study_dir, runs)
+        if found.keys() <= results.keys():
+            break
+        results.update(found)
     n_later = 0 if chosen else len(spec.variants) * len(set(spec.seeds) - set(spec.sweep_seeds))
     n_later += 0 if chosen else (len(spec.grid) + 1) * len(spec.grid_seeds) * bool(spec.grid)
     bar = progress(
