@@ -186,7 +186,9 @@ def reading(spec, tables) -> list[str]:
     return lines
 
 
-def summary_markdown(spec, tables, chosen, seconds: float, n_runs: int) -> str:
+def summary_markdown(
+    spec, tables, chosen, seconds: float, n_runs: int, train_seconds: float
+) -> str:
     b = spec.config(spec.baseline, lr=chosen[spec.baseline], seed=spec.seeds[0])
     model = b.model or "embedded tiny Llama (4 layers, hidden 128, byte tokens)"
     L = [
@@ -206,7 +208,9 @@ def summary_markdown(spec, tables, chosen, seconds: float, n_runs: int) -> str:
         "differences are paired). Intervals: 95% Student t. A run is **diverged** when its "
         "test loss is not finite or ends more than half of its improvement above its best.",
         "",
-        f"{n_runs} runs, {seconds / 60:.1f} min of wall time in this invocation; {_hardware()}.",
+        f"{n_runs} runs, {train_seconds / 60:.1f} min of training and evaluation in all (the sum "
+        f"over runs; {seconds / 60:.1f} min of wall time in the invocation that wrote this); "
+        f"{_hardware()}.",
     ]
     if spec.notes:
         L += ["", spec.notes]
@@ -270,7 +274,8 @@ def write_report(study_dir, spec, runs, results, chosen, seconds) -> dict[str, A
     tables = build_tables(spec, runs, results, chosen)
     done = [results[r.key] for r in runs if r.key in results]
     with open(os.path.join(study_dir, "summary.md"), "w") as f:
-        f.write(summary_markdown(spec, tables, chosen, seconds, len(done)))
+        train = math.fsum(r["seconds"] for r in done)
+        f.write(summary_markdown(spec, tables, chosen, seconds, len(done), train))
     _write_json(
         os.path.join(study_dir, "results.json"),
         {"study": spec.name, "chosen_lrs": chosen, "seconds": seconds, "hardware": _hardware()}
