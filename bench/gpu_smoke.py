@@ -132,6 +132,27 @@ def fused_backward_timing() -> str:
     return ", ".join(f"{k} {v:.2f}" + ("" if "peak" in k else " ms") for k, v in times.items())
 
 
+def loss_pipelining_timing() -> str:
+    """Forward + backward at N = 4096, V = 128256 (bf16): pass 1 plain, then pipelined."""
+    import triton.testing
+    from emalora_fast.kernels import distill_loss as kernels
+
+    torch.manual_seed(3)
+    s = (torch.randn(4096, 128256, device=DEV) * 2).bfloat16().requires_grad_(True)
+    t = (torch.randn(4096, 128256, device=DEV) * 2).bfloat16()
+    times = {}
+    for stages in (1, 2):
+        kernels.FWD_STAGES = stages
+
+        def step():
+            s.grad = None
+            distillation_loss(s, t, temperature=2.0, backend="triton").backward()
+
+        times[f"stages={stages}"] = triton.testing.do_bench(step, warmup=2, rep=20)
+    kernels.FWD_STAGES = 1
+    return ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
+
+
 STEPS = [
     ("averager bema bf16", lambda: averager("bema", torch.bfloat16)),
     ("averager ema fp32", lambda: averager("ema", torch.float32)),
@@ -141,6 +162,7 @@ STEPS = [
     ("fused gemm fkl", lambda: fused("gemm", "forward_kl")),
     ("fused gemm jsd", lambda: fused("gemm", "jsd")),
     ("fused atomic fkl", lambda: fused("atomic", "forward_kl")),
+    ("loss forward pipelining timing (measured)", loss_pipelining_timing),
     ("fused backward timing (measured)", fused_backward_timing),
 ]
 

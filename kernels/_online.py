@@ -37,12 +37,13 @@ def _logaddexp(x, y):
 
 
 @triton.jit
-def _lse_step(x, m, d, AXIS: tl.constexpr):
+def _lse_step(x, m, AXIS: tl.constexpr):
     """One online log-sum-exp step over a block x, reduced along AXIS (0: x is [BLOCK] and the
     state scalar; 1: x is [ROWS, BLOCK] and the state [ROWS]).
 
-    Returns the new max m', its shift sh = _shift(m'), e = e^(x - sh), the rescale factor
-    c = e^(m - sh) (fp64) and the new sum d' = d c + sum e (fp64).
+    Returns the new max m', its shift sh = _shift(m'), e = e^(x - sh) and the rescale factor
+    c = e^(m - sh) (fp64) of the running sum; :func:`_fold` then gives the new sum. (The sum is
+    left to the caller: where a reduction sits decides the registers a kernel needs.)
     """
     new = tl.maximum(m, tl.max(x, axis=AXIS))
     sh = _shift(new)
@@ -50,8 +51,13 @@ def _lse_step(x, m, d, AXIS: tl.constexpr):
         e = tl.exp(x - sh)
     else:
         e = tl.exp(x - sh[:, None])
-    c = tl.exp(m - sh).to(tl.float64)
-    return new, sh, e, c, d * c + tl.sum(e, axis=AXIS).to(tl.float64)
+    return new, sh, e, tl.exp(m - sh).to(tl.float64)
+
+
+@triton.jit
+def _fold(d, c, e, AXIS: tl.constexpr):
+    """The running sum d rescaled by c plus the block's sum of e (fp32 tree sum, fp64 total)."""
+    return d * c + tl.sum(e, axis=AXIS).to(tl.float64)
 
 
 @triton.jit

@@ -161,6 +161,7 @@ LOSS_SPACE = {
     "vocab": [128256, 128264, 32001, 1000],
     "dtypes": [(BF16, BF16), (FP32, FP32), (FP16, FP32)],
     "pass": ["fwd", "bwd"],
+    "stages": [1, 2],  # the forward kernel's pipelining switch
 }
 
 
@@ -176,7 +177,7 @@ def _loss_case(p: dict) -> Case:
         common = (DIVERGENCE[p["divergence"]], 0.5, temperature, 1.0, ce_scale, -100)
         if p["pass"] == "fwd":
             return distill_loss.distill_loss_fwd_launch(s, t, labels, _meta(n), _meta(n, 7),
-                                                        *common)  # fmt: skip
+                                                        *common, stages=p["stages"])  # fmt: skip
         return distill_loss.distill_loss_bwd_launch(s, t, labels, _meta(n, 7), _meta(n), s,
                                                     *common)  # fmt: skip
 
@@ -194,7 +195,9 @@ def _loss_case(p: dict) -> Case:
 
 def loss_cases() -> Iterator[Case]:
     def valid(p: dict) -> bool:
-        return not (p["pass"] == "bwd" and p["labels"] == "ce_t1")  # the same kernel as "ce"
+        if p["pass"] == "bwd":  # the same kernel as "ce" / one without stages
+            return p["labels"] != "ce_t1" and p["stages"] == 1
+        return True
 
     for p in cover(LOSS_SPACE, full=("pass", "divergence"), valid=valid):
         yield _loss_case(p)

@@ -24,17 +24,22 @@ Every arithmetic step is guarded so that -inf logits never form (-inf) - (-inf).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ._launch import Launch
-from ._online import _ce_grad, _div_grad, _jsd_terms, _lse_step, _shift
+from ._online import _ce_grad, _div_grad, _fold, _jsd_terms, _lse_step, _shift
 
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
 NUM_STATS = 7  # m_a, ld_a, m_b, ld_b, m_s, ld_s, aux
 MAX_BLOCK_V = 4096
+# Pass 1 of the forward kernel with tl.range(num_stages=2) compiles to cp.async prefetches
+# (LDGSTS.128 through 16 KB of shared memory) in fewer registers; whether that beats plain 128-bit
+# loads is for a GPU to say: EMALORA_LOSS_STAGES=2 selects it (gpu_smoke.py times both).
+FWD_STAGES = int(os.environ.get("EMALORA_LOSS_STAGES", "1"))
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -60,8 +65,8 @@ def _stats_chunk(
     """Pass 1 over one chunk: the online (max, sum) pairs of a, b (and the raw s) and S or R."""
     a = r * inv_t
     b = b * inv_t
-    new_a, sh_a, e_a, c_a, new_d_a = _lse_step(a, m_a, d_a, 0)
-    new_b, sh_b, e_b, c_b, new_d_b = _lse_step(b, m_b, d_b, 0)
+    new_a, sh_a, e_a, c_a = _lse_step(a, m_a, 0)
+    new_b, sh_b, e_b, c_b = _lse_step(b, m_b, 0)
     # Growth of the shifts: old S / R terms move by -(delta) / +(delta).
     delta = ((sh_b - _shift(m_b)) - (sh_a - _shift(m_a))).to(tl.float64)
     if DIVERGENCE == 0:
@@ -72,9 +77,12 @@ def _stats_chunk(
         live = a > float("-inf")
         diff = tl.where(live, a - sh_a, 0.0) - tl.where(live, b - sh_b, 0.0)
         acc = (acc + delta * d_a) * c_a + tl.sum(e_a * diff, axis=0).to(tl.float64)
+    d_a = _fold(d_a, c_a, e_a, 0)
+    d_b = _fold(d_b, c_b, e_b, 0)
     if RAW_LSE:
-        m_r, _, _, _, d_r = _lse_step(r, m_r, d_r, 0)
-    return new_a, new_b, m_r, new_d_a, new_d_b, d_r, acc
+        m_r, _, e_r, c_r = _lse_step(r, m_r, 0)
+        d_r = _fold(d_r, c_r, e_r, 0)
+    return new_a, new_b, m_r, d_a, d_b, d_r, acc
 
 
 @triton.jit
@@ -108,6 +116,7 @@ def _distill_loss_fwd_kernel(
     RAW_LSE: tl.constexpr,  # HAS_CE and T != 1: LSE of the raw student logits too
     ROW_ALIGNED: tl.constexpr,  # host-checked 16-byte aligned rows: unmasked main loop, tail
     BLOCK_V: tl.constexpr,
+    STAGES: tl.constexpr,  # software pipelining of the pass-1 loads (1: none)
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_V)
@@ -134,12 +143,12 @@ def _distill_loss_fwd_kernel(
         d_b = tl.cast(0.0, tl.float64)
         d_r = tl.cast(0.0, tl.float64)
         acc = tl.cast(0.0, tl.float64)
-        for start in range(0, v_main, BLOCK_V):
+        for start in tl.range(0, v_main, BLOCK_V, num_stages=STAGES):
             r, b = _load_logits(s_row, t_row, tl.multiple_of(start, BLOCK_V) + offs, V, False)
             m_a, m_b, m_r, d_a, d_b, d_r, acc = _stats_chunk(
                 r, b, inv_t, m_a, m_b, m_r, d_a, d_b, d_r, acc, DIVERGENCE, RAW_LSE
             )
-        for start in range(v_main, V, BLOCK_V):
+        for start in tl.range(v_main, V, BLOCK_V, num_stages=STAGES):
             r, b = _load_logits(s_row, t_row, start + offs, V, True)
             m_a, m_b, m_r, d_a, d_b, d_r, acc = _stats_chunk(
                 r, b, inv_t, m_a, m_b, m_r, d_a, d_b, d_r, acc, DIVERGENCE, RAW_LSE
@@ -342,6 +351,7 @@ def distill_loss_fwd_launch(
     div_scale: float,
     ce_scale: float,
     ignore_index: int,
+    stages: int | None = None,
 ) -> Launch:
     """The launch of :func:`distill_loss_fwd` into ``loss`` [N] and ``stats`` [N, 7]."""
     n, vocab = student.shape
@@ -360,6 +370,7 @@ def distill_loss_fwd_launch(
         RAW_LSE=has_ce and temperature != 1.0,
         ROW_ALIGNED=_split_loop(vocab, student, teacher),
         BLOCK_V=block,
+        STAGES=FWD_STAGES if stages is None else stages,
     )
     return Launch(_distill_loss_fwd_kernel, (n,), args, flags, num_warps=warps)
 

@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Launch, Target, target_of
-from ._online import _jsd_terms, _lse_step
+from ._online import _fold, _jsd_terms, _lse_step
 from ._tiles import _logit_tiles, _row_state
 from .fused_linear_grad import _fused_linear_bwd_kernel, _fused_linear_grad_kernel
 
@@ -124,8 +124,10 @@ def _fused_linear_stats_kernel(
         r = tl.where(col_ok[None, :], s, float("-inf"))
         a = r * inv_t
         b = tl.where(col_ok[None, :], t, float("-inf")) * inv_t
-        m_a, _, e_a, c_a, d_a = _lse_step(a, m_a, d_a, 1)
-        m_b, _, e_b, c_b, d_b = _lse_step(b, m_b, d_b, 1)
+        m_a, _, e_a, c_a = _lse_step(a, m_a, 1)
+        m_b, _, e_b, c_b = _lse_step(b, m_b, 1)
+        d_a = _fold(d_a, c_a, e_a, 1)
+        d_b = _fold(d_b, c_b, e_b, 1)
         if DIVERGENCE == 0:
             live = b > float("-inf")
             diff = tl.where(live, b, 0.0) - tl.where(live, a, 0.0)
@@ -135,7 +137,8 @@ def _fused_linear_stats_kernel(
             diff = tl.where(live, a, 0.0) - tl.where(live, b, 0.0)
             acc = acc * c_a + tl.sum(e_a * diff, axis=1).to(tl.float64)
         if RAW_LSE:
-            m_r, _, _, _, d_r = _lse_step(r, m_r, d_r, 1)
+            m_r, _, e_r, c_r = _lse_step(r, m_r, 1)
+            d_r = _fold(d_r, c_r, e_r, 1)
         if HAS_CE:
             hit = cols[None, :] == label[:, None]
             s_lab += tl.sum(tl.where(hit, s, 0.0), axis=1).to(tl.float64)
