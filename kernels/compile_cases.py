@@ -121,7 +121,7 @@ AVERAGER_SPACE = {
 
 def _averager_case(p: dict) -> Case:
     def build(target: Target) -> Launch:
-        shapes = _lora_shapes() + ([] if p["aligned"] else [(3,)])  # a start off 4 elements
+        shapes = ([] if p["aligned"] else [(3,)]) + _lora_shapes()  # starts off 4 elements
         params = [_meta(*s, dtype=p["dtype"]) for s in shapes]
         tdt = p["dtype"] if p["teacher"] == "same" else p["teacher"]
         teachers = [_meta(*s, dtype=tdt) for s in shapes] if tdt is not None else None
