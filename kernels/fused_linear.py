@@ -203,13 +203,19 @@ def _fused_linear_jsd_kernel(
 # ------------------------------------------------------------------------------------------------
 # Launchers.
 # ------------------------------------------------------------------------------------------------
-def default_blocks(target: Target, kernel: str = "stats") -> tuple[int, int, int]:
+def default_blocks(
+    target: Target, kernel: str = "stats", fp32: bool = False
+) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_V, BLOCK_K) of ``kernel`` ("stats", "jsd", "grad", "bwd"): tensor-core
     tiles on a GPU, small ones under the interpreter. The statistics passes on sm_80 take
     64 x 64 x 32 tiles: at 64 x 128 (8 warps) they need more than 255 registers and spill up to
-    548 bytes, at 64 x 64 x 64 still 16; 64 x 64 x 32 fits in 242 with 2 blocks per SM."""
+    548 bytes, at 64 x 64 x 64 still 16; 64 x 64 x 32 fits in 242 with 2 blocks per SM. fp32
+    inputs (exact fp32 dots, no tensor cores) take 32 x 64 x 32: at 64 x 128 x 64 they spill
+    hundreds of bytes to kilobytes."""
     if target.arch == 0:
         return 16, 64, 16
+    if fp32:
+        return 32, 64, 32
     if target.arch < 90 and kernel in ("stats", "jsd"):
         return 64, 64, 32
     return 64, 128, 64
@@ -219,17 +225,18 @@ def _num_warps(block_n: int, block_v: int) -> int:
     return 8 if block_n * block_v >= 8192 else 4
 
 
-# Resident blocks per SM of the statistics passes at the default tiles, by target arch (the
-# compile check verifies them against the compiled registers and shared memory).
-BLOCKS_PER_SM = {90: 1, 80: 2}
+# Resident blocks per SM of the statistics passes at the default tiles, by (target arch, fp32
+# inputs) (the compile check verifies the bf16 ones against the compiled registers and shared
+# memory).
+BLOCKS_PER_SM = {(90, False): 1, (80, False): 2, (90, True): 2, (80, True): 2}
 
 
-def _splits(n_blocks: int, n_tiles: int, target: Target) -> int:
+def _splits(n_blocks: int, n_tiles: int, target: Target, fp32: bool = False) -> int:
     """Vocabulary splits of pass 1: the fewest that fill the device's SMs in nearly whole waves
     (at least 90% of the last wave busy), at most n_tiles; 2 under the interpreter."""
     if target.arch == 0:
         return min(n_tiles, 2)
-    slots = target.sms * BLOCKS_PER_SM.get(target.arch, 1)
+    slots = target.sms * BLOCKS_PER_SM.get((target.arch, fp32), 1)
     best, best_eff = 1, 0.0
     for s in range(1, min(n_tiles, 64) + 1):
         programs = n_blocks * s
@@ -267,7 +274,8 @@ def _check(hs, ws, bs, ht, wt, bt, labels) -> None:
 
 def _common(hs, ws, bs, ht, wt, bt, labels, shared, softcap, blocks, target, kernel):
     """Leading pointer arguments, strides and compile-time flags shared by the kernels."""
-    block_n, block_v, block_k = blocks or default_blocks(target, kernel)
+    fp32 = torch.float32 in (hs.dtype, ht.dtype)
+    block_n, block_v, block_k = blocks or default_blocks(target, kernel, fp32)
     args = (hs, ws, bs if bs is not None else ws, ht, wt, bt if bt is not None else wt,
             labels if labels is not None else hs)  # fmt: skip
     strides = (hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0))
@@ -278,7 +286,7 @@ def _common(hs, ws, bs, ht, wt, bt, labels, shared, softcap, blocks, target, ker
         HAS_BT=bt is not None,
         SOFTCAP=softcap is not None,
         # bf16/fp16 tl.dot is not implemented by the interpreter: there the operands are upcast.
-        DOT_FP32=target.arch == 0 or torch.float32 in (hs.dtype, ht.dtype),
+        DOT_FP32=target.arch == 0 or fp32,
         BLOCK_N=block_n,
         BLOCK_V=block_v,
         BLOCK_K=block_k,
@@ -294,7 +302,8 @@ def _split_pass(hs, ws, bs, ht, wt, bt, labels, vocab, shared, softcap, blocks, 
                                    target, kernel)  # fmt: skip
     n_blocks = triton.cdiv(hs.shape[0], flags["BLOCK_N"])
     n_tiles = triton.cdiv(vocab, flags["BLOCK_V"])
-    splits = max(1, min(splits or _splits(n_blocks, n_tiles, target), n_tiles))
+    fp32 = torch.float32 in (hs.dtype, ht.dtype)
+    splits = max(1, min(splits or _splits(n_blocks, n_tiles, target, fp32), n_tiles))
     return args, strides, flags, (n_blocks, splits)
 
 
@@ -521,7 +530,7 @@ def fused_linear_bwd(
     if n == 0 or not any(need):
         return gh, gw, gb
     w_op, h_op = ws.to(g_dtype), hs.to(g_dtype)  # no copies unless under the interpreter
-    block_n = (blocks or default_blocks(target, "grad"))[0]
+    block_n = (blocks or default_blocks(target, "grad", torch.float32 in (hs.dtype, ht.dtype)))[0]
     step = chunk_rows or _chunk_rows(n, vocab, h_s, block_n, torch.finfo(g_dtype).bits // 8)
     g = _new_empty((min(step, n), vocab), g_dtype, dev)
     for c0 in range(0, n, step):

@@ -137,9 +137,9 @@ def test_split_heuristic_matches_compiled_occupancy(report):
     rows = [r for r in _rows(report, "default") if r["kernel"] in
             ("_fused_linear_stats_kernel", "_fused_linear_jsd_kernel")]  # fmt: skip
     assert rows
-    _check(rows, lambda r: r["blocks_per_sm"] != BLOCKS_PER_SM[r["arch"]] and
+    _check(rows, lambda r: r["blocks_per_sm"] != BLOCKS_PER_SM[r["arch"], False] and
            f"{r['blocks_per_sm']} blocks per SM, the heuristic assumes "
-           f"{BLOCKS_PER_SM[r['arch']]}", "occupancy")  # fmt: skip
+           f"{BLOCKS_PER_SM[r['arch'], False]}", "occupancy")  # fmt: skip
 
 
 def test_every_switch_value_is_compiled(report):

@@ -119,15 +119,15 @@ def model_table() -> str:
 
 
 def _widths(sass: dict, op: str) -> str:
-    parts = [f"{sass[k]}x{k.split('.')[1]}" for k in sorted(sass, key=lambda k: -int(
-        k.split(".")[1])) if k.startswith(op + ".")]  # fmt: skip
-    return " ".join(parts) or "-"
+    """``count x bits`` of the accesses of ``op`` ("LDG", "STG"), widest first."""
+    keys = sorted((k for k in sass if k.startswith(op + ".")), key=lambda k: -int(k[len(op) + 1 :]))
+    return " ".join(f"{sass[k]}x{k[len(op) + 1 :]}" for k in keys) or "-"
 
 
 def compile_table(rows: list[dict]) -> str:
     head = ("| case | sm | regs | spill B | shared B | blocks/SM | LDG (count x bits) | "
-            "STG | RED / ATOM / MEMBAR.GPU | HMMA / HGMMA |")  # fmt: skip
-    lines = [head, "|---|---|---:|---:|---:|---:|---|---|---|---|"]
+            "LDGSTS | STG | RED / ATOM / MEMBAR.GPU | HMMA / HGMMA |")  # fmt: skip
+    lines = [head, "|---|---|---:|---:|---:|---:|---|---|---|---|---|"]
     for r in rows:
         if r.get("error"):
             lines.append(f"| {r['case']} | {r['arch']} | compile error: {r['error'][:80]} |")
@@ -138,7 +138,8 @@ def compile_table(rows: list[dict]) -> str:
         spill = "?" if r["spill_stores"] is None else r["spill_stores"] + r["spill_loads"]
         lines.append(
             f"| {r['case']} | {r['arch']} | {r['registers']} | {spill} | {r['shared']} | "
-            f"{r['blocks_per_sm']} | {_widths(s, 'LDG')} | {_widths(s, 'STG')} | "
+            f"{r['blocks_per_sm']} | {_widths(s, 'LDG')} | {_widths(s, 'LDGSTS')} | "
+            f"{_widths(s, 'STG')} | "
             f"{red} / {atom} / {s.get('MEMBAR.GPU', 0)} | {s.get('HMMA', 0)} / "
             f"{s.get('HGMMA', 0)} |"
         )
