@@ -19,6 +19,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	$(PIP) install --quiet --upgrade pip "setuptools>=77" wheel ninja numpy
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_CPU)"
 	$(PIP) install --quiet --no-build-isolation -e ".[dev]"
+	$(PIP) install --quiet --no-deps "timm>=1.0,<2"  # test oracle: timm's ModelEmaV3 (its file, no torchvision)
 	touch $(STAMP)
 
 $(STAMP36): $(STAMP)

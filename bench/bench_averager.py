@@ -33,3 +33,12 @@ def bench_averager_copy(benchmark, device, kind):
     benchmark.group = f"averager-{kind}-{MODEL}"
     benchmark.extra_info.update(numel=numel, bytes_per_element=8)
     run(benchmark, copy_case(numel, device))
+
+
+@pytest.mark.parametrize("provider", ["emalora", "peft_set_adapter", "forward_1x16"])
+def bench_teacher_switch(benchmark, device, provider):
+    """Entering and leaving the teacher on a 30-layer model (2 layers in smoke mode)."""
+    from emalora_fast.benchmarks import teacher
+
+    benchmark.group = "teacher-switch-30-layers"
+    run(benchmark, teacher.cases(device, layers=2 if SMOKE else 30)[provider])

@@ -4,7 +4,8 @@
 //   reset:  ema = theta; theta0 = theta; out = theta
 //   update: ema' = c_ema * ema + c_theta * theta
 //           out  = ema' + alpha * (theta - theta0)        (BEMA, when theta0 is given)
-//   teacher[i] = (BEMA ? out : ema') cast to the teacher's dtype, when teachers are given.
+//   teacher[i] = (BEMA && !teacher_ema ? out : ema') cast to the teacher's dtype, when teachers
+//                are given.
 // Elements whose theta is not finite keep every state value and set flag[0] = 1.
 #include "common.h"
 
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <vector>
 
 namespace emalora_fast {
@@ -22,11 +24,12 @@ namespace {
 struct Coeffs {
   float c_ema, c_theta, alpha;
   bool reset;
+  bool teacher_ema;  // BEMA: the teachers receive ema instead of out
 };
 
 // The update of one chunk of m finite elements; the switches are compile-time so that every
 // variant is a branch-free vectorizable loop.
-template <typename P, typename T, bool BEMA, bool TEACH, bool RESET>
+template <typename P, typename T, bool BEMA, bool TEACH, bool TEACH_EMA, bool RESET>
 inline void update_chunk(const P* __restrict th, T* __restrict te, float* __restrict e,
                          float* __restrict t0, float* __restrict o, int64_t m, const Coeffs& k) {
   const float c_ema = k.c_ema, c_theta = k.c_theta, alpha = k.alpha;
@@ -50,12 +53,12 @@ inline void update_chunk(const P* __restrict th, T* __restrict te, float* __rest
         o[i] = v;
       }
     }
-    if constexpr (TEACH) te[i] = static_cast<T>(v);
+    if constexpr (TEACH) te[i] = static_cast<T>(TEACH_EMA ? e[i] : v);
   }
 }
 
 // One contiguous run of elements [0, n) of a tensor; state pointers already offset.
-template <typename P, typename T, bool BEMA, bool TEACH, bool RESET>
+template <typename P, typename T, bool BEMA, bool TEACH, bool TEACH_EMA, bool RESET>
 bool update_run(const P* theta, T* teacher, float* ema, float* theta0, float* out, int64_t n,
                 const Coeffs& k) {
   bool bad = false;
@@ -67,38 +70,41 @@ bool update_run(const P* theta, T* teacher, float* ema, float* theta0, float* ou
     float* o = BEMA ? out + c0 : nullptr;
     T* te = TEACH ? teacher + c0 : nullptr;
     if (all_finite(th, m)) {
-      update_chunk<P, T, BEMA, TEACH, RESET>(th, te, e, t0, o, m, k);
+      update_chunk<P, T, BEMA, TEACH, TEACH_EMA, RESET>(th, te, e, t0, o, m, k);
       continue;
     }
     // A chunk holding a non-finite theta: update the finite elements one by one.
     bad = true;
     for (int64_t i = 0; i < m; ++i) {
       if (std::isfinite(static_cast<float>(th[i]))) {
-        update_chunk<P, T, BEMA, TEACH, RESET>(th + i, TEACH ? te + i : nullptr, e + i,
-                                               BEMA ? t0 + i : nullptr, BEMA ? o + i : nullptr, 1,
-                                               k);
+        update_chunk<P, T, BEMA, TEACH, TEACH_EMA, RESET>(th + i, TEACH ? te + i : nullptr,
+                                                          e + i, BEMA ? t0 + i : nullptr,
+                                                          BEMA ? o + i : nullptr, 1, k);
       }
     }
   }
   return bad;
 }
 
+// Calls f with std::true_type or std::false_type for a runtime switch.
+template <typename F>
+auto with_bool(bool b, F&& f) {
+  return b ? f(std::true_type{}) : f(std::false_type{});
+}
+
 // Picks the compile-time variant of update_run for the runtime switches.
 template <typename P, typename T>
 bool dispatch_run(const P* th, T* te, float* e, float* t0, float* o, int64_t n, const Coeffs& k) {
-  const bool bema = t0 != nullptr, teach = te != nullptr;
-#define EMALORA_RUN(B, TE, R) \
-  if (bema == B && teach == TE && k.reset == R) return update_run<P, T, B, TE, R>(th, te, e, t0, o, n, k);
-  EMALORA_RUN(true, true, true)
-  EMALORA_RUN(true, true, false)
-  EMALORA_RUN(true, false, true)
-  EMALORA_RUN(true, false, false)
-  EMALORA_RUN(false, true, true)
-  EMALORA_RUN(false, true, false)
-  EMALORA_RUN(false, false, true)
-  EMALORA_RUN(false, false, false)
-#undef EMALORA_RUN
-  return false;
+  return with_bool(t0 != nullptr, [&](auto bema) {
+    return with_bool(te != nullptr, [&](auto teach) {
+      return with_bool(k.teacher_ema, [&](auto teach_ema) {
+        return with_bool(k.reset, [&](auto reset) {
+          return update_run<P, T, bema.value, teach.value, teach_ema.value && bema.value,
+                            reset.value>(th, te, e, t0, o, n, k);
+        });
+      });
+    });
+  });
 }
 
 template <typename P, typename T>
@@ -143,7 +149,7 @@ void check_state(const at::Tensor& t, int64_t total, const char* what) {
 void averager_update(at::TensorList params, at::TensorList teachers, const at::Tensor& ema,
                      const std::optional<at::Tensor>& theta0, const std::optional<at::Tensor>& out,
                      const at::Tensor& flag, double c_ema, double c_theta, double alpha,
-                     bool reset) {
+                     bool reset, bool teacher_ema) {
   TORCH_CHECK(!params.empty(), "averager_update: no parameters");
   TORCH_CHECK(teachers.empty() || teachers.size() == params.size(),
               "averager_update: got ", teachers.size(), " teacher tensors for ", params.size(),
@@ -175,7 +181,7 @@ void averager_update(at::TensorList params, at::TensorList teachers, const at::T
   TORCH_CHECK(flag.device().is_cpu() && flag.scalar_type() == at::kInt && flag.numel() >= 1,
               "averager_update: flag must be a CPU int32 tensor");
   const Coeffs k{static_cast<float>(c_ema), static_cast<float>(c_theta),
-                 static_cast<float>(alpha), reset};
+                 static_cast<float>(alpha), reset, teacher_ema};
   const std::vector<at::Tensor> p_vec(params.begin(), params.end());
   const std::vector<at::Tensor> t_vec(teachers.begin(), teachers.end());
   float* th0 = theta0 ? theta0->data_ptr<float>() : nullptr;
@@ -195,7 +201,7 @@ TORCH_LIBRARY_FRAGMENT(emalora_fast, m) {
   m.def(
       "averager_update(Tensor[] params, Tensor(a!)[] teachers, Tensor(b!) ema, "
       "Tensor(c!)? theta0, Tensor(d!)? out, Tensor(e!) flag, float c_ema, float c_theta, "
-      "float alpha, bool reset) -> ()");
+      "float alpha, bool reset, bool teacher_ema=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(emalora_fast, CPU, m) { m.impl("averager_update", &averager_update); }

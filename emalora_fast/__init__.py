@@ -13,12 +13,31 @@ from .self_distill import SelfDistiller
 
 __version__ = "0.1.0"
 
+# The transformers integration imports transformers: loaded on first use.
+_LAZY = {
+    "AveragerCallback": "integrations.transformers",
+    "AveragingTrainer": "integrations.transformers",
+    "SelfDistillationTrainer": "integrations.transformers",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "AveragerCallback",
+    "AveragingTrainer",
     "BEMA",
     "EMA",
     "BackendUnavailableError",
     "DistillationLoss",
     "FusedLinearDistillationLoss",
+    "SelfDistillationTrainer",
     "SelfDistiller",
     "bema_coefficients",
     "distillation_loss",

@@ -1,4 +1,8 @@
-"""EMA and BEMA weight averaging of the LoRA tensors of a model, one kernel launch per update.
+"""EMA and BEMA weight averaging of a peft adapter, one kernel launch per update.
+
+What is averaged: by default every trainable tensor of the live peft adapter, as peft saves it
+(LoRA factors of linear, embedding and conv layers, DoRA magnitudes, ``modules_to_save`` copies,
+LoHa/LoKr/(IA)³ weights); for a module without peft adapters, every trainable parameter.
 
 The averaged tensors ("shadows") are fp32 and live in one flat buffer per group of parameters
 sharing (device, dtype); a normal peft model has one group, so :meth:`update` is one launch of the
@@ -14,21 +18,24 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from . import _dispatch, peft_utils, reference
+from . import _dispatch, _watch, peft_utils, reference
+from ._averager_state import StateMixin
+from ._checks import check_choice, check_float, check_int, check_param
 from .integrations import distributed
 from .schedules import BemaSchedule, bema_coefficients, ema_decay
 
 __all__ = ["EMA", "BEMA"]
 
-_STATE_FORMAT = 1
+TeacherWeights = Literal["ema", "bema"]
 
 
 @dataclass
@@ -45,23 +52,28 @@ class _Group:
     backend: str
     # Derived, rebuilt by _prepare(): per-tensor views and the backend's launch arguments.
     locals: list[torch.Tensor] = field(default_factory=list)
+    untracked: list[torch.Tensor] = field(default_factory=list)  # the same, via .data
     teacher_locals: list[torch.Tensor] = field(default_factory=list)
     views: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     plan: Any = None
     slots: list[tuple[dict, str]] = field(default_factory=list)  # first and last parameter
     fingerprint: tuple = ()
+    # Allocated on first use, then reused: the live values during a swap, the state during a
+    # multi-group update.
+    backup: list[torch.Tensor] | None = None
+    undo: list[torch.Tensor] | None = None
 
-    @property
-    def averaged(self) -> torch.Tensor:
-        return self.out if self.out is not None else self.ema
+    def state_buffers(self) -> list[torch.Tensor]:
+        """Every tensor an update writes."""
+        extra = [self.theta0, self.out] if self.theta0 is not None else []
+        return [self.ema, *extra, self.flag, *self.teacher_locals]
 
 
 def _fingerprint(slots: list[tuple[dict, str]]) -> tuple:
     """Identity and storage of the parameters in the given (``module._parameters``, key) slots.
 
     Two dictionary look-ups and two ``data_ptr`` reads: cheap enough for every update, and it
-    changes when the model moves (``model.to``) or its parameters are replaced
-    (``load_state_dict(assign=True)``).
+    changes when the model moves (``model.to``) or FSDP2 swaps in unsharded parameters.
     """
     out = []
     for params, key in slots:
@@ -75,11 +87,19 @@ def _split(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
     return [v.view(s) for v, s in zip(flat.split(sizes), shapes, strict=True)]
 
 
-class _Averager:
+def _gone(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"averaged parameter {name} is no longer in the model (merged into the base weights by "
+        "merge_and_unload, or its adapter deleted?); create a new averager for the new model"
+    )
+
+
+class _Averager(StateMixin):
     """Common machinery of :class:`EMA` and :class:`BEMA`; not used directly."""
 
     _kind: str = ""
     _is_bema: bool = False
+    _teacher_view: str = "ema"  # the state the teacher follows: "ema" or "out"
 
     def __init__(
         self,
@@ -88,50 +108,64 @@ class _Averager:
         update_after: int,
         update_every: int,
         param_filter: peft_utils.ParamFilter | None,
+        adapter: str | None,
         teacher_adapter: str | None,
         backend: _dispatch.Backend,
     ) -> None:
-        _check_int("update_after", update_after, minimum=0)
-        _check_int("update_every", update_every, minimum=1)
-        if backend not in _dispatch.BACKENDS:
-            raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
+        check_int("update_after", update_after, minimum=0)
+        check_int("update_every", update_every, minimum=1)
+        check_choice("backend", backend, _dispatch.BACKENDS)
         self.model = model = distributed.unwrap_model(model)
         self.update_after = update_after
         self.update_every = update_every
         self.backend = backend
         self.teacher_adapter = teacher_adapter
-        self._param_filter = param_filter
         self.step = 0
         self._anchored = update_after == 0
+        self._swapping = False
 
-        named = peft_utils.select_parameters(model, param_filter)
-        if not named:
+        sel = peft_utils.select(model, param_filter, adapter)
+        if not sel.params:
             raise ValueError(
-                "no parameters to average: the model has no trainable LoRA tensors "
-                "(names holding 'lora_A'/'lora_B' with requires_grad=True); "
-                "pass param_filter= to choose others"
+                "no parameters to average: the model has no trainable tensors"
+                + (f" in adapter {sel.adapter!r}" if sel.adapter else "")
+                + "; pass param_filter= to choose others"
             )
-        for name, p in named:
-            _check_param(name, p)
-        self._names = [n for n, _ in named]
-        self._live_adapter = None
+        for name, p in sel.params:
+            check_param(name, p, peft_utils.local_tensor(p))
+        if sel.left_out and param_filter is None:
+            warnings.warn(
+                f"{len(sel.left_out)} trainable parameters are not averaged (e.g. "
+                f"{sel.left_out[:2]}): they are not tensors of adapter {sel.adapter!r}; pass "
+                "param_filter= to average them",
+                stacklevel=3,
+            )
+        self._selection = sel
+        self.adapter = sel.adapter
+        self._names = [n for n, _ in sel.params]
+        named = dict(sel.params)
         teachers: dict[str, nn.Parameter] = {}
+        self._teacher_names: dict[str, str] = {}
         if teacher_adapter is not None:
-            if not peft_utils.is_peft_model(model):
-                raise TypeError("teacher_adapter needs a peft model (PeftModel) to add it to")
-            self._live_adapter = peft_utils.live_adapter_of(self._names)
-            teachers = peft_utils.add_teacher_adapter(model, self._names, teacher_adapter)
+            teachers, copies = peft_utils.add_teacher_adapter(model, sel, teacher_adapter)
+            names = {id(p): n for n, p in model.named_parameters()}
+            self._teacher_names = {n: names[id(t)] for n, t in teachers.items()}
+            with torch.no_grad():  # adapter tensors that are not averaged: copied once
+                for src, dst in copies:
+                    peft_utils.local_tensor(dst).copy_(peft_utils.local_tensor(src))
+        self._eval = _watch.EvalMode(model)
+        self._fsdp = distributed.fsdp_modules(model)  # listed again on the slow paths
         with torch.no_grad():
-            initial = {n: peft_utils.local_tensor(p).float() for n, p in named}
+            initial = {n: peft_utils.local_tensor(p).float() for n, p in sel.params}
             bad = [n for n, t in initial.items() if not bool(torch.isfinite(t).all())]
             if bad:
                 raise ValueError(
                     f"parameters hold NaN/Inf values, cannot start an average: {bad[:3]}"
                 )
-            self._groups = self._make_groups(dict(named), teachers, initial, initial, initial)
-            if teachers:
-                for n, tp in teachers.items():
-                    peft_utils.local_tensor(tp).copy_(peft_utils.local_tensor(dict(named)[n]))
+            self._groups = self._make_groups(named, teachers, initial, initial, initial)
+            for n, tp in teachers.items():
+                peft_utils.local_tensor(tp).copy_(peft_utils.local_tensor(named[n]))
+        self._generation = _watch.generation()
 
     # ----------------------------------------------------------------------------------------
     # Construction of groups and their backend state
@@ -182,7 +216,9 @@ class _Averager:
     def _prepare(self, g: _Group) -> None:
         """(Re)build what a launch needs from the group's current parameter storage."""
         g.locals = [peft_utils.local_tensor(p) for p in g.params]
+        g.untracked = [peft_utils.untracked_local(p) for p in g.params]
         g.teacher_locals = [peft_utils.local_tensor(p) for p in g.teachers] if g.teachers else []
+        g.backup = g.undo = None
         for i, (n, t) in enumerate(zip(g.names, g.locals, strict=True)):
             if not t.is_contiguous():
                 raise ValueError(f"parameter {n} is not contiguous; the averager needs it to be")
@@ -200,40 +236,33 @@ class _Averager:
         if g.backend == "triton":
             kernels = _dispatch.load_triton("averager")
             g.plan = kernels.AveragerPlan(g.locals, g.teacher_locals or None)
-        g.slots = []
         names = [g.names[0], g.names[-1]]
-        if g.teachers and self.teacher_adapter is not None:
-            names += [
-                peft_utils.teacher_name_for(n, self._live_adapter, self.teacher_adapter)
-                for n in names
-            ]
+        names += [self._teacher_names[n] for n in names if n in self._teacher_names]
+        g.slots = []
         for name in names:
             owner, _, key = name.rpartition(".")
             g.slots.append((self.model.get_submodule(owner)._parameters, key))
         g.fingerprint = _fingerprint(g.slots)
 
     def refresh(self) -> None:
-        """Re-read the model's parameters after their storage moved (``model.to(...)``,
-        ``load_state_dict(assign=True)``, replaced parameters) and rebuild the launch tables.
+        """Re-read the model's parameters after their storage moved and rebuild the launch
+        tables.
 
-        :meth:`update` calls this itself when the first or last parameter of a group changed
-        identity or storage, which covers moves of the whole model; call it by hand after
-        replacing individual parameters in the middle of the model.
+        :meth:`update` calls this itself when a parameter or module was registered anywhere in
+        the model (a replaced parameter, ``load_state_dict(assign=True)``) or when the first or
+        last parameter of a group moved (``model.to(...)``). Call it by hand after changing a
+        parameter's storage in place in the middle of the model (``p.data = ...``, moving one
+        submodule).
         """
         params = dict(self.model.named_parameters())
-        missing = [n for n in self._names if n not in params]
-        if missing:
-            raise RuntimeError(f"the model no longer has averaged parameters {missing[:3]}...")
-        teachers = {}
-        if self.teacher_adapter is not None:
-            teachers = {
-                n: params[peft_utils.teacher_name_for(n, self._live_adapter, self.teacher_adapter)]
-                for n in self._names
-            }
+        for n in [*self._names, *self._teacher_names.values()]:
+            if n not in params:
+                raise _gone(n)
+        teachers = {n: params[tn] for n, tn in self._teacher_names.items()}
         state = self._state_tensors()
         for n in self._names:
             p = params[n]
-            _check_param(n, p)
+            check_param(n, p, peft_utils.local_tensor(p))
             if peft_utils.local_tensor(p).shape == state["ema"][n].shape:
                 continue
             if distributed.is_dtensor(p) and p.shape == state["ema"][n].shape:
@@ -246,16 +275,41 @@ class _Averager:
         self._groups = self._make_groups(
             params, teachers, state["ema"], state.get("theta0"), state.get("out"), state["flag"]
         )
+        self._generation = _watch.generation()
+        self._fsdp = distributed.fsdp_modules(self.model)
+
+    def _registered_changed(self) -> bool:
+        """After some registration in the process: does every averaged name still resolve to
+        the parameter and storage the tables were built for? Raises when one is gone."""
+        for g in self._groups:
+            for name, p, local in zip(g.names, g.params, g.locals, strict=True):
+                owner, _, key = name.rpartition(".")
+                try:
+                    now = self.model.get_submodule(owner)._parameters.get(key)
+                except AttributeError:
+                    now = None
+                if now is None:
+                    raise _gone(name)
+                if now is not p or peft_utils.local_tensor(now).data_ptr() != local.data_ptr():
+                    return True
+        return False
 
     def _stale(self) -> bool:
         return any(_fingerprint(g.slots) != g.fingerprint for g in self._groups)
 
     def _ensure_current(self) -> None:
-        if self._stale():
+        full = _watch.generation() != self._generation  # a registration: check every parameter
+        if (full and self._registered_changed()) or self._stale():
             # FSDP2 registers unsharded copies of the parameters after a forward (the root
             # module until the backward ends): put the sharded ones back before concluding.
-            if not distributed.reshard_fsdp(self.model) or self._stale():
+            self._fsdp = distributed.fsdp_modules(self.model)  # fully_shard may be new
+            resharded = distributed.reshard_fsdp(self.model, self._fsdp)
+            if not resharded or (full and self._registered_changed()) or self._stale():
                 self.refresh()
+        self._generation = _watch.generation()
+
+    def _reshard(self) -> None:
+        distributed.reshard_fsdp(self.model, self._fsdp)
 
     # ----------------------------------------------------------------------------------------
     # The update
@@ -269,15 +323,16 @@ class _Averager:
         """Fold the model's current weights into the average: one launch per group.
 
         Args:
-            step: the global optimizer step after which this is called (1 after the first
-                step). When omitted, an internal counter counts the calls.
+            step: the global optimizer step after which this is called: the number of optimizer
+                steps taken (1 after the first). Steps must increase; when omitted, an internal
+                counter counts the calls.
         """
         if step is None:
             t = self.step + 1
         else:
-            _check_int("step", step, minimum=0)
+            check_int("step", step, minimum=1)
             t = int(step)
-            if t < self.step or (t == self.step and t > 0):
+            if t <= self.step:
                 raise ValueError(
                     f"step {t} does not follow the last update's step {self.step}: each optimizer "
                     "step is folded in once"
@@ -285,22 +340,40 @@ class _Averager:
         coeffs = self._coefficients(t)
         if coeffs is not None:
             self._ensure_current()
-            c_ema, c_theta, alpha, reset = coeffs
-            for g in self._groups:
-                self._launch(g, c_ema, c_theta, alpha, reset)
-            if reset:
+            if len(self._groups) == 1:
+                self._launch(self._groups[0], *coeffs)
+            else:
+                self._launch_all_or_none(coeffs)
+            if coeffs[3]:
                 self._anchored = True
         self.step = t  # only once every launch went through: a failed update changes nothing
 
+    def _launch_all_or_none(self, coeffs: tuple[float, float, float, bool]) -> None:
+        """Several groups: keep a copy of what the launches write, so that a launch failing in
+        any group leaves every group as it was (the copy buffers are allocated once)."""
+        for g in self._groups:
+            bufs = g.state_buffers()
+            if g.undo is None:
+                g.undo = [torch.empty_like(b) for b in bufs]
+            torch._foreach_copy_(g.undo, bufs)
+        try:
+            for g in self._groups:
+                self._launch(g, *coeffs)
+        except BaseException:
+            for g in self._groups:
+                torch._foreach_copy_(g.state_buffers(), g.undo)
+            raise
+
     def _launch(self, g: _Group, c_ema: float, c_theta: float, alpha: float, reset: bool) -> None:
+        teacher_ema = self._is_bema and self._teacher_view == "ema"
         if g.backend == "triton":
             _dispatch.load_triton("averager").averager_update(
-                g.plan, g.ema, g.theta0, g.out, g.flag, c_ema, c_theta, alpha, reset
+                g.plan, g.ema, g.theta0, g.out, g.flag, c_ema, c_theta, alpha, reset, teacher_ema
             )
         elif g.backend == "cpp":
             torch.ops.emalora_fast.averager_update(
                 g.locals, g.teacher_locals, g.ema, g.theta0, g.out, g.flag,
-                c_ema, c_theta, alpha, reset,
+                c_ema, c_theta, alpha, reset, teacher_ema,
             )  # fmt: skip
         else:
             reference.averager_update_(
@@ -314,6 +387,7 @@ class _Averager:
                 c_theta,
                 alpha,
                 reset,
+                teacher_from_ema=teacher_ema,
             )
 
     # ----------------------------------------------------------------------------------------
@@ -323,6 +397,11 @@ class _Averager:
     def parameter_names(self) -> list[str]:
         """Names (the model's own) of the averaged parameters, in update order."""
         return list(self._names)
+
+    def kinds(self) -> dict[str, int]:
+        """How many averaged tensors of each kind: ``lora_A``, ``lora_magnitude_vector``,
+        ``modules_to_save``... (``other`` for parameters outside the adapter)."""
+        return dict(sorted(self._selection.kinds().items()))
 
     @property
     def nonfinite_flag(self) -> list[torch.Tensor]:
@@ -340,10 +419,8 @@ class _Averager:
         for g in self._groups:
             g.flag.zero_()
 
-    def _iter_averaged(self) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
-        for g in self._groups:
-            views = g.views["out" if self._is_bema else "ema"]
-            yield from zip(g.names, g.params, views, strict=True)
+    def _averaged_views(self, g: _Group) -> list[torch.Tensor]:
+        return g.views["out" if self._is_bema else "ema"]
 
     def averaged_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """``{parameter name: averaged tensor}`` with the model's names.
@@ -355,15 +432,16 @@ class _Averager:
         """
         self._ensure_current()
         result = {}
-        for name, p, avg in self._iter_averaged():
-            t = avg.to(dtype or p.dtype, copy=True)
-            if distributed.is_dtensor(p):
-                from torch.distributed.tensor import DTensor
+        for g in self._groups:
+            for name, p, avg in zip(g.names, g.params, self._averaged_views(g), strict=True):
+                t = avg.to(dtype or p.dtype, copy=True)
+                if distributed.is_dtensor(p):
+                    from torch.distributed.tensor import DTensor
 
-                t = DTensor.from_local(
-                    t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
-                )
-            result[name] = t
+                    t = DTensor.from_local(
+                        t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                    )
+                result[name] = t
         return result
 
     @torch.no_grad()
@@ -374,41 +452,73 @@ class _Averager:
         if model is None or model is self.model:
             self._ensure_current()
             for g in self._groups:
-                torch._foreach_copy_(g.locals, g.views["out" if self._is_bema else "ema"])
-            distributed.reshard_fsdp(self.model)  # FSDP2: the next forward gathers the shards
+                torch._foreach_copy_(g.locals, self._averaged_views(g))
+            self._reshard()  # FSDP2: the next forward gathers the shards
             return
         params = dict(model.named_parameters())
         missing = [n for n in self._names if n not in params]
         if missing:
             raise ValueError(f"model has no parameters named {missing[:3]}")
-        for name, _, avg in self._iter_averaged():
-            peft_utils.local_tensor(params[name]).copy_(avg)
+        for g in self._groups:
+            for name, avg in zip(g.names, self._averaged_views(g), strict=True):
+                peft_utils.local_tensor(params[name]).copy_(avg)
         distributed.reshard_fsdp(model)
+
+    @contextmanager
+    def _values_in_place(self, sources: list[list[torch.Tensor]], eval_mode: bool):
+        """Run the body with ``sources[i]`` (per group) in place of the live values; the live
+        values come back bit for bit afterwards, also when the body raises.
+
+        The writes go through ``.data``: a student forward taken before the body keeps a valid
+        graph (its tensors hold the live values again when its backward runs).
+        """
+        if self._swapping:
+            raise RuntimeError("the averaged weights are already swapped in (nested swap)")
+        with torch.no_grad():
+            for g, src in zip(self._groups, sources, strict=True):
+                if g.backup is None:
+                    g.backup = [torch.empty_like(t) for t in g.untracked]
+                torch._foreach_copy_(g.backup, g.untracked)
+                torch._foreach_copy_(g.untracked, src)
+        self._reshard()  # FSDP2: forwards in the body gather the shards
+        self._swapping = True
+        try:
+            with self._eval() if eval_mode else nullcontext():
+                yield self.model
+        finally:
+            with torch.no_grad():
+                for g in self._groups:
+                    torch._foreach_copy_(g.untracked, g.backup)
+            self._swapping = False
+            self._reshard()  # FSDP2: drop copies gathered in the body
 
     @contextmanager
     def swapped(self) -> Iterator[nn.Module]:
         """Run the body with the averaged weights in the model; the live weights come back
-        afterwards, bit for bit, also when the body raises. Under FSDP2 each rank swaps its
-        shards, and forwards in the body gather the averaged weights."""
+        afterwards, bit for bit, also when the body raises. Modes (train/eval) are left to the
+        caller. Under FSDP2 each rank swaps its shards, and forwards in the body gather the
+        averaged weights."""
         self._ensure_current()
-        with torch.no_grad():
-            backups = [[t.clone() for t in g.locals] for g in self._groups]
-            self.copy_to()
-        try:
-            yield self.model
-        finally:
-            with torch.no_grad():
-                for g, b in zip(self._groups, backups, strict=True):
-                    torch._foreach_copy_(g.locals, b)
-            distributed.reshard_fsdp(self.model)  # FSDP2: drop copies gathered in the body
+        with self._values_in_place([self._averaged_views(g) for g in self._groups], False) as m:
+            yield m
 
     @contextmanager
     def teacher(self) -> Iterator[nn.Module]:
-        """Run the body with the frozen teacher adapter active (holding the averaged weights);
-        the active adapter and every ``requires_grad`` flag are restored afterwards."""
-        if self.teacher_adapter is None:
-            raise RuntimeError("this averager was created without teacher_adapter=...")
-        with peft_utils.adapter_active(self.model, self.teacher_adapter) as m:
+        """Run the body as the teacher: the teacher's weights in place of the live adapter's,
+        every module in eval mode (no dropout). Afterwards the live weights, each module's mode,
+        the active adapter and every ``requires_grad`` flag are as before.
+
+        The teacher's weights are those of the teacher adapter when there is one (the kernel
+        keeps it current), else the averaged shadows; for :class:`BEMA` they follow
+        ``teacher_weights``. Cost: three multi-tensor copies of the averaged tensors and one
+        pass over a cached module list; no adapter switching, no parameter scan.
+        """
+        self._ensure_current()
+        sources = [
+            g.teacher_locals if g.teacher_locals else g.views[self._teacher_view]
+            for g in self._groups
+        ]
+        with self._values_in_place(sources, True) as m:
             yield m
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -420,15 +530,23 @@ class _Averager:
         tensors (the only communication of the averager), rank 0 writes, and every rank returns
         once the files are written. Otherwise (DDP included) it writes where it is called.
         """
+        self._ensure_current()
         save_directory = os.fspath(save_directory)
-        os.makedirs(save_directory, exist_ok=True)
         if peft_utils.is_peft_model(self.model):
-            adapter = self._live_adapter or peft_utils.live_adapter_of(self._names)
+            outside = self._selection.outside_adapter()
+            if outside:
+                raise ValueError(
+                    f"{len(outside)} averaged parameters are not tensors of adapter "
+                    f"{self.adapter!r} (e.g. {outside[:2]}), and a peft adapter cannot hold "
+                    "them: save averaged_state_dict() instead"
+                )
+            os.makedirs(save_directory, exist_ok=True)
             with self.swapped():
-                peft_utils.save_adapter(self.model, save_directory, adapter, **kwargs)
+                peft_utils.save_adapter(self.model, save_directory, self.adapter, **kwargs)
             return
         from safetensors.torch import save_file
 
+        os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, "averaged.safetensors")
         tensors = self.averaged_state_dict()
         if not any(distributed.is_dtensor(t) for t in tensors.values()):
@@ -439,131 +557,40 @@ class _Averager:
             save_file({n: t.contiguous() for n, t in tensors.items()}, path)
         distributed.barrier()
 
-    # ----------------------------------------------------------------------------------------
-    # State
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """The settings that define the average (compared on :meth:`load_state_dict`)."""
-        return {"update_after": self.update_after, "update_every": self.update_every}
-
-    def _state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        state: dict[str, dict[str, torch.Tensor]] = {"ema": {}, "flag": {}}
-        if self._is_bema:
-            state["theta0"], state["out"] = {}, {}
-        for g in self._groups:
-            for key, views in g.views.items():
-                for n, v in zip(g.names, views, strict=True):
-                    state[key][n] = v
-            for n in g.names:
-                state["flag"][n] = g.flag
-        return state
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs to continue bit-identically (tensors are copies)."""
-        tensors = self._state_tensors()
-        return {
-            "format": _STATE_FORMAT,
-            "kind": self._kind,
-            "hyperparameters": self.hyperparameters(),
-            "step": self.step,
-            "anchored": self._anchored,
-            "names": list(self._names),
-            **{
-                key: {n: t.detach().clone() for n, t in d.items()}
-                for key, d in tensors.items()
-                if key != "flag"
-            },
-            "nonfinite": any(bool(g.flag.any()) for g in self._groups),
-        }
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; checks everything first and changes nothing on error."""
-        problems = []
-        if state.get("format") != _STATE_FORMAT:
-            problems.append(f"unknown state format {state.get('format')!r}")
-        if state.get("kind") != self._kind:
-            problems.append(f"state is of a {state.get('kind')!r} averager, this is {self._kind!r}")
-        theirs = state.get("hyperparameters", {})
-        ours = self.hyperparameters()
-        for k in sorted(set(theirs) | set(ours)):
-            if theirs.get(k) != ours.get(k):
-                problems.append(f"{k} is {theirs.get(k)!r} in the state, {ours.get(k)!r} here")
-        if list(state.get("names", [])) != self._names:
-            theirs_n, ours_n = set(state.get("names", [])), set(self._names)
-            problems.append(
-                f"parameter names differ: {len(theirs_n - ours_n)} only in the state "
-                f"(e.g. {sorted(theirs_n - ours_n)[:2]}), {len(ours_n - theirs_n)} only in the "
-                f"model (e.g. {sorted(ours_n - theirs_n)[:2]})"
-                if theirs_n != ours_n
-                else "parameter order differs"
-            )
-        current = self._state_tensors()
-        keys = ["ema", "theta0", "out"] if self._is_bema else ["ema"]
-        if not problems:
-            for key in keys:
-                src = state.get(key)
-                if not isinstance(src, dict):
-                    problems.append(f"state has no {key!r} tensors")
-                    continue
-                for n in self._names:
-                    t = src.get(n)
-                    if (
-                        not isinstance(t, torch.Tensor)
-                        or t.shape != current[key][n].shape
-                        or not t.is_floating_point()
-                    ):
-                        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                        problems.append(
-                            f"{key}[{n}]: expected a floating tensor of shape "
-                            f"{tuple(current[key][n].shape)}, got {got}"
-                        )
-                        break
-        if not _is_int(state.get("step")) or state["step"] < 0:
-            problems.append(f"bad step {state.get('step')!r}")
-        if not isinstance(state.get("anchored"), bool):
-            problems.append(f"bad 'anchored' flag {state.get('anchored')!r}")
-        if problems:
-            raise ValueError("cannot load averager state: " + "; ".join(problems))
-        for key in keys:
-            for n in self._names:
-                current[key][n].copy_(state[key][n])
-        for g in self._groups:
-            g.flag.fill_(int(bool(state.get("nonfinite", False))))
-        self.step = int(state["step"])
-        self._anchored = bool(state["anchored"])
-        if self.teacher_adapter is not None:
-            for g in self._groups:
-                torch._foreach_copy_(g.teacher_locals, g.views["out" if self._is_bema else "ema"])
-
     def __repr__(self) -> str:
         n = sum(g.ema.numel() for g in self._groups)
+        kinds = ", ".join(f"{c} {k}" for k, c in self.kinds().items())
+        where = f" of adapter {self.adapter!r}" if self.adapter else ""
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         backends = sorted({g.backend for g in self._groups})
         return (
-            f"{type(self).__name__}({len(self._names)} tensors, {n:,} elements, "
+            f"{type(self).__name__}({len(self._names)} tensors{where} [{kinds}], {n:,} elements, "
             f"{len(self._groups)} group(s), backend={'/'.join(backends)}, step={self.step}, {hp})"
         )
 
 
 class EMA(_Averager):
-    """Exponential moving average of the LoRA tensors: ``shadow <- d*shadow + (1 - d)*theta``.
+    """Exponential moving average of an adapter: ``shadow <- d*shadow + (1 - d)*theta``.
 
-    With ``s = t - update_after`` for global step t: for ``s <= 0`` the shadow copies theta; then
-    it updates when ``s % update_every == 0`` with ``d = decay``, or with warmup
-    ``d = clip(1 - (1 + s/warmup_gamma) ** -warmup_power, min_decay, decay)`` (timm, ema-pytorch).
+    Steps count optimizer updates (1 after the first), as in timm's ``ModelEmaV3`` driven by
+    timm's train loop, whose rule this follows exactly: with ``s = t - update_after - 1`` the
+    shadow copies theta while ``s <= 0``; then it updates when ``s % update_every == 0`` with
+    ``d = decay``, or with warmup ``d = clip(1 - (1 + s/warmup_gamma) ** -warmup_power,
+    min_decay, decay)``.
 
     Args:
         model: a ``PeftModel`` or any module; a DDP, DataParallel, FSDP1, DeepSpeed or
             ``torch.compile`` wrapper is unwrapped (names are the inner module's).
         decay: the decay, in (0, 1).
-        update_after: steps during which the shadow copies the weights.
+        update_after: steps after the first during which the shadow copies the weights.
         update_every: update every this many steps.
         warmup: use the warmup rule above.
         warmup_gamma: warmup's gamma (> 0).
         warmup_power: warmup's power (> 0).
         min_decay: lower clip of the warmup decay, in [0, decay].
-        param_filter: ``(name, param) -> bool``; default: trainable LoRA factors.
+        param_filter: ``(name, param) -> bool`` over the model's parameters; default: every
+            trainable tensor of the adapter (of every trainable parameter without peft).
+        adapter: the peft adapter to average (default: the active one).
         teacher_adapter: name of a frozen peft adapter to create and keep equal to the average.
         backend: ``"auto" | "triton" | "cpp" | "torch"``.
 
@@ -585,13 +612,14 @@ class EMA(_Averager):
         warmup_power: float = 2 / 3,
         min_decay: float = 0.0,
         param_filter: peft_utils.ParamFilter | None = None,
+        adapter: str | None = None,
         teacher_adapter: str | None = None,
         backend: _dispatch.Backend = "auto",
     ) -> None:
-        _check_float("decay", decay, low=0.0, high=1.0, open_low=True, open_high=True)
-        _check_float("warmup_gamma", warmup_gamma, low=0.0, open_low=True)
-        _check_float("warmup_power", warmup_power, low=0.0, open_low=True)
-        _check_float("min_decay", min_decay, low=0.0, high=decay)
+        check_float("decay", decay, low=0.0, high=1.0, open_low=True, open_high=True)
+        check_float("warmup_gamma", warmup_gamma, low=0.0, open_low=True)
+        check_float("warmup_power", warmup_power, low=0.0, open_low=True)
+        check_float("min_decay", min_decay, low=0.0, high=decay)
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.warmup_gamma = float(warmup_gamma)
@@ -602,6 +630,7 @@ class EMA(_Averager):
             update_after=update_after,
             update_every=update_every,
             param_filter=param_filter,
+            adapter=adapter,
             teacher_adapter=teacher_adapter,
             backend=backend,
         )
@@ -617,10 +646,10 @@ class EMA(_Averager):
         }
 
     def current_decay(self, step: int | None = None) -> float:
-        """The decay d used at ``step`` (default: the last step)."""
-        s = (self.step if step is None else step) - self.update_after
+        """The decay d used at ``step`` (default: the last step); 0 where the shadow copies."""
+        t = self.step if step is None else step
         return ema_decay(
-            s,
+            t - self.update_after - 1,
             self.decay,
             warmup=self.warmup,
             warmup_gamma=self.warmup_gamma,
@@ -629,7 +658,7 @@ class EMA(_Averager):
         )
 
     def _coefficients(self, t: int) -> tuple[float, float, float, bool] | None:
-        s = t - self.update_after
+        s = t - self.update_after - 1
         if s <= 0:
             return 1.0, 0.0, 0.0, True
         if s % self.update_every:
@@ -639,7 +668,7 @@ class EMA(_Averager):
 
 
 class BEMA(_Averager):
-    """Bias-corrected EMA (arXiv 2508.00180) of the LoRA tensors.
+    """Bias-corrected EMA (arXiv 2508.00180) of an adapter.
 
     At global step t (TRL's BEMACallback schedule, ``schedule="trl"``)::
 
@@ -653,7 +682,14 @@ class BEMA(_Averager):
     ``update_after=0`` the weights at construction are theta_0. ``schedule="paper"`` uses the
     paper's offline code instead: ``t_e = max(t - update_after + lag, 1)``,
     ``beta = max((1 + multiplier*t_e) ** -ema_power, min_ema_multiplier)``,
-    ``alpha = (1 + t_e) ** -bias_power``. The averaged weights are ``bema``.
+    ``alpha = (1 + t_e) ** -bias_power``. The averaged weights (:meth:`swapped`,
+    :meth:`save_pretrained`) are ``bema``.
+
+    As a self-teacher, ``bema`` is an extrapolation: ``alpha_t * (theta_t - theta_0)`` puts it
+    ahead of the student along the student's own displacement, so distilling towards it feeds
+    the displacement back into itself and the run drifts away. The teacher therefore follows the
+    ``ema`` part by default (``teacher_weights="ema"``: BEMA's power-schedule average without the
+    bias correction); ``teacher_weights="bema"`` makes the teacher the extrapolation.
 
     Args:
         model: a ``PeftModel`` or any module; a DDP, DataParallel, FSDP1, DeepSpeed or
@@ -666,7 +702,9 @@ class BEMA(_Averager):
         update_every: phi; TRL and the paper use 400 because their update is slow, ours is not.
         min_ema_multiplier: lower bound of beta, in [0, 1].
         schedule: ``"trl"`` or ``"paper"``.
-        param_filter, teacher_adapter, backend: as for :class:`EMA`.
+        teacher_weights: what :meth:`teacher` and the teacher adapter hold: ``"ema"`` or
+            ``"bema"``.
+        param_filter, adapter, teacher_adapter, backend: as for :class:`EMA`.
     """
 
     _kind = "bema"
@@ -684,28 +722,33 @@ class BEMA(_Averager):
         update_every: int = 1,
         min_ema_multiplier: float = 0.0,
         schedule: BemaSchedule = "trl",
+        teacher_weights: TeacherWeights = "ema",
         param_filter: peft_utils.ParamFilter | None = None,
+        adapter: str | None = None,
         teacher_adapter: str | None = None,
         backend: _dispatch.Backend = "auto",
     ) -> None:
-        _check_float("ema_power", ema_power, low=0.0)
-        _check_float("bias_power", bias_power, low=0.0)
-        _check_float("lag", lag, low=0.0, open_low=True)
-        _check_float("multiplier", multiplier, low=0.0, open_low=True)
-        _check_float("min_ema_multiplier", min_ema_multiplier, low=0.0, high=1.0)
-        if schedule not in ("trl", "paper"):
-            raise ValueError(f"schedule must be 'trl' or 'paper', got {schedule!r}")
+        check_float("ema_power", ema_power, low=0.0)
+        check_float("bias_power", bias_power, low=0.0)
+        check_float("lag", lag, low=0.0, open_low=True)
+        check_float("multiplier", multiplier, low=0.0, open_low=True)
+        check_float("min_ema_multiplier", min_ema_multiplier, low=0.0, high=1.0)
+        check_choice("schedule", schedule, ("trl", "paper"))
+        check_choice("teacher_weights", teacher_weights, ("ema", "bema"))
         self.ema_power = float(ema_power)
         self.bias_power = float(bias_power)
         self.lag = float(lag)
         self.multiplier = float(multiplier)
         self.min_ema_multiplier = float(min_ema_multiplier)
         self.schedule = schedule
+        self.teacher_weights = teacher_weights
+        self._teacher_view = "ema" if teacher_weights == "ema" else "out"
         super().__init__(
             model,
             update_after=update_after,
             update_every=update_every,
             param_filter=param_filter,
+            adapter=adapter,
             teacher_adapter=teacher_adapter,
             backend=backend,
         )
@@ -751,48 +794,5 @@ def _register_cpp_fake() -> None:
     _dispatch.load_cpp()
 
     @torch.library.register_fake("emalora_fast::averager_update")
-    def _(params, teachers, ema, theta0, out, flag, c_ema, c_theta, alpha, reset):
+    def _(params, teachers, ema, theta0, out, flag, c_ema, c_theta, alpha, reset, teacher_ema):
         return None
-
-
-# --------------------------------------------------------------------------------------------
-# Argument checks: one clear line that names the problem.
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_float(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    open_low: bool = False,
-    open_high: bool = False,
-) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if open_low else value >= low
-    if ok and high is not None:
-        ok = value < high if open_high else value <= high
-    if not ok:
-        lo = "(" if open_low else "["
-        hi = ")" if open_high else "]"
-        rng = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
-        raise ValueError(f"{name} must be a finite number in {rng}, got {value!r}")
-
-
-def _check_param(name: str, p: torch.Tensor) -> None:
-    if not p.is_floating_point():
-        raise TypeError(f"parameter {name} has dtype {p.dtype}; only floating tensors average")
-    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise TypeError(f"parameter {name} has unsupported dtype {p.dtype}")
-    if not peft_utils.local_tensor(p).is_contiguous():
-        raise ValueError(f"parameter {name} is not contiguous; the averager needs it to be")

@@ -28,6 +28,7 @@ def averager_update_(
     c_theta: float,
     alpha: float,
     reset: bool,
+    teacher_from_ema: bool = False,
 ) -> None:
     """Fused EMA / BEMA update, in place, tensor by tensor.
 
@@ -36,7 +37,7 @@ def averager_update_(
         reset:  ema = theta0 = out = theta
         update: ema  = c_ema * ema + c_theta * theta
                 out  = ema + alpha * (theta - theta0)          (BEMA: theta0/out given)
-        teacher = (out if BEMA else ema), cast to the teacher's dtype
+        teacher = (out if BEMA and not teacher_from_ema else ema), cast to the teacher's dtype
 
     Elements whose theta is not finite keep all their state and set ``flag`` to 1.
 
@@ -51,6 +52,7 @@ def averager_update_(
         c_theta: weight of theta (EMA: 1 - d; BEMA: beta).
         alpha: BEMA bias-correction weight.
         reset: copy theta into the state instead of averaging.
+        teacher_from_ema: BEMA: the teachers receive ``ema`` instead of ``out``.
     """
     is_bema = theta0 is not None
     for i, p in enumerate(params):
@@ -70,7 +72,8 @@ def averager_update_(
             else:
                 new_out = ema[i] + alpha * (theta - theta0[i])
             out[i].copy_(torch.where(ok, new_out, out[i]))
-            avg = out[i]
+            if not teacher_from_ema:
+                avg = out[i]
         if teachers is not None:
             t = teachers[i]
             t.copy_(torch.where(ok, avg, t.to(avg.dtype)).reshape(t.shape))

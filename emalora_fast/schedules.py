@@ -22,9 +22,10 @@ def ema_decay(
 ) -> float:
     """Decay d of the EMA update ``shadow <- d * shadow + (1 - d) * theta``.
 
-    With ``s = t - update_after``: ``s <= 0`` gives 0 (the shadow copies theta); otherwise
-    ``decay``, or with warmup ``clip(1 - (1 + s / warmup_gamma) ** -warmup_power, min_decay,
-    decay)`` (the rule of timm's ModelEmaV3 and ema-pytorch).
+    ``steps_since_start`` is timm's ``s = t - update_after - 1`` for t optimizer steps taken:
+    ``s <= 0`` gives 0 (the shadow copies theta); otherwise ``decay``, or with warmup
+    ``clip(1 - (1 + s / warmup_gamma) ** -warmup_power, min_decay, decay)`` (the rule of timm's
+    ModelEmaV3).
     """
     if steps_since_start <= 0:
         return 0.0

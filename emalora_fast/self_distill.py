@@ -1,9 +1,10 @@
 """Self-distillation of a peft model from its own averaged (EMA/BEMA) adapter.
 
-The teacher is the same network with the averager's frozen teacher adapter active (or with the
-adapters disabled: the base model); it runs under ``no_grad``. The student is the trainable
-adapter. Where the model exposes its output head, the loss is the fused-linear distillation loss
-on hidden states (logits never exist in memory); otherwise the logits loss.
+The teacher is the same network with the averager's teacher weights in place of the live
+adapter's (:meth:`~emalora_fast.EMA.teacher`), or with the adapters disabled (the base model);
+it runs under ``no_grad`` with every module in eval mode (no dropout). The student is the
+trainable adapter. Where the model exposes its output head, the loss is the fused-linear
+distillation loss on hidden states (logits never exist in memory); otherwise the logits loss.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _watch
 from .loss import DistillationLoss
 
 TeacherKind = Literal["average", "base"]
@@ -40,14 +42,19 @@ class SelfDistiller:
 
     Args:
         model: a peft model whose active adapter is trained.
-        averager: an :class:`~emalora_fast.EMA` or :class:`~emalora_fast.BEMA` created with
-            ``teacher_adapter=...``; needed when ``teacher="average"``.
+        averager: the :class:`~emalora_fast.EMA` or :class:`~emalora_fast.BEMA` of that
+            adapter; needed when ``teacher="average"``.
         loss: the :class:`~emalora_fast.DistillationLoss` (divergence, temperature, ...).
-        teacher: ``"average"`` (the averager's teacher adapter) or ``"base"`` (adapters off).
+        teacher: ``"average"`` (the averager's teacher weights) or ``"base"`` (adapters off).
         hard_label_weight: w in ``(1 - w) * divergence + w * cross-entropy``; default: the
-            loss module's own.
+            loss module's own when it is positive, else 0.5. An averaged teacher starts equal to
+            the student, so with w = 0 the divergence alone has no gradient: that setting is
+            refused unless distillation starts later (``distill_from_step > 1``) or the
+            averager already holds steps.
         distill_from_step: before this optimizer step only the cross-entropy is trained (the
-            teacher forward is skipped).
+            teacher forward is skipped). Default: for a BEMA with a burn-in, the first step
+            after its anchor (``update_after + 1``: before it the teacher is the initial
+            adapter); else 0.
         fused_linear: use the fused-linear loss on hidden states (``"auto"``: where the model has
             a plain linear output head and the fused loss is available).
 
@@ -63,16 +70,17 @@ class SelfDistiller:
         loss: DistillationLoss | None = None,
         teacher: TeacherKind = "average",
         hard_label_weight: float | None = None,
-        distill_from_step: int = 0,
+        distill_from_step: int | None = None,
         fused_linear: bool | Literal["auto"] = "auto",
     ) -> None:
         if teacher not in ("average", "base"):
             raise ValueError(f"teacher must be 'average' or 'base', got {teacher!r}")
-        if teacher == "average":
-            if averager is None or getattr(averager, "teacher_adapter", None) is None:
-                raise ValueError(
-                    "teacher='average' needs an averager created with teacher_adapter=..."
-                )
+        if teacher == "average" and not callable(getattr(averager, "teacher", None)):
+            raise ValueError("teacher='average' needs the averager (an EMA or BEMA) of the model")
+        if distill_from_step is None:
+            burn_in = getattr(averager, "update_after", 0) if teacher == "average" else 0
+            is_bema = getattr(averager, "_is_bema", False)
+            distill_from_step = burn_in + 1 if is_bema and burn_in > 0 else 0
         if not isinstance(distill_from_step, int) or distill_from_step < 0:
             raise ValueError(
                 f"distill_from_step must be an integer >= 0, got {distill_from_step!r}"
@@ -83,12 +91,23 @@ class SelfDistiller:
         self.model = unwrap_model(model)
         self.averager = averager
         self.loss = loss if loss is not None else DistillationLoss()
-        if hard_label_weight is not None:
-            if not 0.0 <= hard_label_weight <= 1.0:
-                raise ValueError(f"hard_label_weight must be in [0, 1], got {hard_label_weight!r}")
-            self.loss = self.loss.with_options(hard_label_weight=hard_label_weight)
+        if hard_label_weight is None:
+            own = self.loss.options["hard_label_weight"]
+            hard_label_weight = own if own > 0 else 0.5
+        if not 0.0 <= hard_label_weight <= 1.0:
+            raise ValueError(f"hard_label_weight must be in [0, 1], got {hard_label_weight!r}")
+        if hard_label_weight == 0 and teacher == "average" and distill_from_step <= 1:
+            if getattr(averager, "step", 0) == 0:
+                raise ValueError(
+                    "hard_label_weight=0 with distillation from the first step trains nothing: "
+                    "the averaged teacher starts equal to the student, so the divergence and "
+                    "its gradient are 0; set hard_label_weight > 0 (e.g. 0.5) or "
+                    "distill_from_step > 1"
+                )
+        self.loss = self.loss.with_options(hard_label_weight=hard_label_weight)
         self.teacher = teacher
         self.distill_from_step = distill_from_step
+        self._eval = _watch.EvalMode(self.model)
         self._head = _output_head(self.model)
         if fused_linear == "auto":
             fused_linear = self._head is not None
@@ -100,7 +119,7 @@ class SelfDistiller:
     @contextlib.contextmanager
     def _teacher_active(self) -> Iterator[None]:
         if self.teacher == "base":
-            with self.model.disable_adapter():
+            with self.model.disable_adapter(), self._eval():
                 yield
         else:
             with self.averager.teacher():

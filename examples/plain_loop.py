@@ -34,7 +34,8 @@ def main() -> None:
         num_key_value_heads=2,
     )
     model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=8, target_modules="all-linear"))
-    avg = BEMA(model, teacher_adapter="bema")  # the teacher adapter is frozen, never optimized
+    # The teacher adapter is frozen, never optimized; it follows the ema part of the BEMA.
+    avg = BEMA(model, teacher_adapter="bema")
     distiller = SelfDistiller(
         model, avg, loss=DistillationLoss(divergence="forward_kl"), hard_label_weight=0.5
     )

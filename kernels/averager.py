@@ -39,6 +39,7 @@ def _average_block(
     IS_BEMA: tl.constexpr,
     RESET: tl.constexpr,
     HAS_TEACHER: tl.constexpr,
+    TEACHER_EMA: tl.constexpr,
 ):
     """The update of one block; ``mask`` None gives unmasked (vectorizable) accesses."""
     if RESET:
@@ -65,6 +66,8 @@ def _average_block(
         else:
             avg = ema
     if HAS_TEACHER:
+        if TEACHER_EMA:
+            avg = ema
         tl.store(teacher_at, avg.to(TEACHER_DTYPE), mask=mask)
 
 
@@ -88,6 +91,7 @@ def _averager_kernel(
     IS_BEMA: tl.constexpr,
     RESET: tl.constexpr,
     HAS_TEACHER: tl.constexpr,
+    TEACHER_EMA: tl.constexpr,  # BEMA: the teacher receives ema instead of the BEMA output
     ALIGNED: tl.constexpr,  # host-checked: 16-byte aligned tensors, tensor starts % 4 == 0
     BLOCK: tl.constexpr,
 ):
@@ -128,14 +132,14 @@ def _averager_kernel(
     if fast:
         _average_block(
             theta, ema_at, theta0_at, out_at, teacher_at, None, c_ema, c_theta, alpha,
-            TEACHER_DTYPE, IS_BEMA, RESET, HAS_TEACHER,
+            TEACHER_DTYPE, IS_BEMA, RESET, HAS_TEACHER, TEACHER_EMA,
         )  # fmt: skip
     else:
         # A tail block, or a non-finite theta: those elements keep their average; flag it.
         tl.store(flag_ptr, bad, mask=bad > 0)
         _average_block(
             theta, ema_at, theta0_at, out_at, teacher_at, in_bounds & finite, c_ema, c_theta,
-            alpha, TEACHER_DTYPE, IS_BEMA, RESET, HAS_TEACHER,
+            alpha, TEACHER_DTYPE, IS_BEMA, RESET, HAS_TEACHER, TEACHER_EMA,
         )  # fmt: skip
 
 
@@ -193,6 +197,7 @@ def averager_launch(
     c_theta: float,
     alpha: float,
     reset: bool,
+    teacher_ema: bool = False,
 ) -> Launch:
     """The launch of :func:`averager_update` (what the compile check compiles)."""
     is_bema = theta0 is not None
@@ -221,6 +226,7 @@ def averager_launch(
             IS_BEMA=is_bema,
             RESET=reset,
             HAS_TEACHER=plan.has_teacher,
+            TEACHER_EMA=bool(teacher_ema and is_bema and plan.has_teacher),
             ALIGNED=plan.aligned and all(x.data_ptr() % 16 == 0 for x in flats),
             BLOCK=BLOCK,
         ),
@@ -233,6 +239,7 @@ def averager_update(plan: AveragerPlan, *args, **kwargs) -> None:
     the arguments of :func:`averager_launch`.
 
     ``theta0`` and ``out`` are both given (BEMA) or both None (EMA). Scalars are host floats.
+    ``teacher_ema``: a BEMA's teachers receive ``ema`` instead of the BEMA output.
     """
     if plan.num_blocks:
         averager_launch(plan, *args, **kwargs)()

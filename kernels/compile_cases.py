@@ -116,6 +116,7 @@ AVERAGER_SPACE = {
     "kind": ["bema", "ema"],
     "reset": [False, True],
     "aligned": [True, False],
+    "teacher_ema": [False, True],  # BEMA: the teachers receive the ema part
 }
 
 

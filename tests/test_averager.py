@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import FP32_RTOL, assert_close, one_ulp_bound, rounding_bound
+from helpers import FP32_RTOL, Oracle, assert_close, one_ulp_bound, rounding_bound
 from torch import nn
 
 from emalora_fast import BEMA, EMA, BackendUnavailableError
@@ -40,67 +40,6 @@ class Bag(nn.Module):
 
     def values(self) -> list[torch.Tensor]:
         return [p.detach().double().clone() for p in self.ps]
-
-
-class Oracle:
-    """The averager's formulas in float64, written out from the specification."""
-
-    def __init__(self, kind: str, theta: list[torch.Tensor], **hp):
-        self.kind, self.hp = kind, hp
-        self.tau = hp.get("update_after", 0)
-        self.phi = hp.get("update_every", 1)
-        self.ema = [t.clone() for t in theta]
-        self.theta0 = [t.clone() for t in theta]
-        self.bema = [t.clone() for t in theta]
-        self.anchored = self.tau == 0
-
-    def decay(self, s: int) -> float:
-        hp = self.hp
-        if not hp.get("warmup", False):
-            return hp["decay"]
-        d = 1 - (1 + s / hp.get("warmup_gamma", 1.0)) ** (-hp.get("warmup_power", 2 / 3))
-        return min(max(d, hp.get("min_decay", 0.0)), hp["decay"])
-
-    def beta_alpha(self, t: int) -> tuple[float, float]:
-        hp = self.hp
-        kappa, eta = hp.get("ema_power", 0.5), hp.get("bias_power", 0.2)
-        rho, gamma = hp.get("lag", 10.0), hp.get("multiplier", 1.0)
-        bmin = hp.get("min_ema_multiplier", 0.0)
-        if hp.get("schedule", "trl") == "paper":
-            te = max(t - self.tau + rho, 1)
-            return max((1 + gamma * te) ** (-kappa), bmin), (1 + te) ** (-eta)
-        return max((rho + gamma * t) ** (-kappa), bmin), (rho + gamma * t) ** (-eta)
-
-    def step(self, t: int, theta: list[torch.Tensor]) -> str | None:
-        """Apply step t; returns 'reset', 'update' or None."""
-        if self.kind == "ema":
-            s = t - self.tau
-            if s <= 0:
-                self.ema = [x.clone() for x in theta]
-                return "reset"
-            if s % self.phi:
-                return None
-            d = self.decay(s)
-            self.ema = [e + (1 - d) * (x - e) for e, x in zip(self.ema, theta)]
-            return "update"
-        if t < self.tau:
-            return None
-        if not self.anchored:
-            self.anchored = True
-            self.ema = [x.clone() for x in theta]
-            self.theta0 = [x.clone() for x in theta]
-            self.bema = [x.clone() for x in theta]
-            return "reset"
-        if (t - self.tau) % self.phi:
-            return None
-        beta, alpha = self.beta_alpha(t)
-        self.ema = [(1 - beta) * e + beta * x for e, x in zip(self.ema, theta)]
-        self.bema = [e + alpha * (x - x0) for e, x, x0 in zip(self.ema, theta, self.theta0)]
-        return "update"
-
-    @property
-    def averaged(self) -> list[torch.Tensor]:
-        return self.bema if self.kind == "bema" else self.ema
 
 
 OPTIONS = {
@@ -179,15 +118,17 @@ def test_matches_float64_formulas(backend, kind, option, dtype, sizes):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["ema", "bema"])
+@pytest.mark.parametrize("kind,follows", [("ema", "ema"), ("bema", "ema"), ("bema", "bema")])
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
-def test_teacher_tensors_written_in_the_same_pass(backend, kind, teacher_dtype):
+def test_teacher_tensors_written_in_the_same_pass(backend, kind, follows, teacher_dtype):
     """The kernel's teacher output (here: tensors reached through param twins) equals the average
-    rounded to the teacher's dtype; the teachers are poisoned before each update."""
+    it follows (a BEMA's ema part or its output) rounded to the teacher's dtype; the teachers are
+    poisoned before each update."""
     backend_or_skip(backend)
     sizes = [5, 1000, 2049, 1]
     model = Bag(sizes, torch.float32)
-    avg = make(kind, model, backend, **OPTIONS[kind]["plain"])
+    extra = {"teacher_weights": follows} if kind == "bema" else {}
+    avg = make(kind, model, backend, **OPTIONS[kind]["plain"], **extra)
     oracle = Oracle(kind, model.values(), **OPTIONS[kind]["plain"])
     # Attach teachers to the group the way a teacher adapter does, then rebuild its plan.
     teachers = [torch.empty(n, dtype=teacher_dtype) for n in sizes]
@@ -200,7 +141,7 @@ def test_teacher_tensors_written_in_the_same_pass(backend, kind, teacher_dtype):
             x.fill_(math.nan)
         avg.update()
         oracle.step(t, model.values())
-        for i, ref in enumerate(oracle.averaged):
+        for i, ref in enumerate(oracle.ema if follows == "ema" else oracle.averaged):
             if teacher_dtype == torch.float32:
                 tol = FP32_RTOL
             elif backend == "triton":
@@ -463,8 +404,12 @@ def test_bad_bema_arguments(kwargs, match):
 
 
 def test_bad_parameters():
+    frozen = Bag([3], torch.float32).requires_grad_(False)
     with pytest.raises(ValueError, match="no parameters to average"):
-        EMA(Bag([3], torch.float32))  # no LoRA names
+        EMA(frozen)  # nothing trainable
+    with pytest.raises(ValueError, match="no parameters to average"):
+        EMA(Bag([3], torch.float32), param_filter=lambda n, p: False)
+    assert EMA(Bag([3, 4], torch.float32)).parameter_names == ["ps.0", "ps.1"]
     m = nn.Module()
     m.w = nn.Parameter(torch.randn(4, 3).t())
     with pytest.raises(ValueError, match="not contiguous"):
@@ -485,7 +430,13 @@ def test_bad_step():
         avg.update(step=-1)
     with pytest.raises(ValueError, match="step"):
         avg.update(step=1.5)
+    with pytest.raises(ValueError, match="step must be an integer >= 1"):
+        avg.update(step=0)  # no optimizer step taken: nothing to fold in
     assert avg.step == 0
+    avg.update(step=1)
+    with pytest.raises(ValueError, match="does not follow"):
+        avg.update(step=1)
+    assert avg.step == 1
 
 
 def test_forced_cpp_without_extension_names_the_import_error(monkeypatch):

@@ -225,7 +225,9 @@ def _fsdp_worker(rank: int, port: int, out: str, seed: int, mode: str, backend: 
     try:
         # r=3: the lora_A rows split 2 + 1 over the ranks, uneven shards.
         model = tiny_lora_model(r=3, lora_seed=seed)  # the same on every rank
-        bema = BEMA(model, teacher_adapter="ema", backend=backend, **BEMA_HP)  # before sharding
+        bema = BEMA(  # before sharding; its teacher is the BEMA output here
+            model, teacher_adapter="ema", teacher_weights="bema", backend=backend, **BEMA_HP
+        )
         _shard(model, mode)
         ema = EMA(model, backend=backend, **EMA_HP)  # after sharding
         plain = EMA(model.get_base_model(), backend=backend, **PLAIN_HP)  # not a peft model
@@ -335,8 +337,8 @@ def test_fsdp2_shards_average_in_place_and_export_full(mode, backend, tmp_path, 
             assert torch.equal(r["teacher"][n], r["bema"][n]), n
         # updates: one launch per averager and rank, no collective; only the averager created
         # before fully_shard re-read the model (once)
-        if backend == "cpp":  # ema, bema; plain on even steps; the reloaded ema2 on the last
-            want = [{"launch": 2 + (t % 2 == 0) + (t == STEPS)} for t in range(1, STEPS + 1)]
+        if backend == "cpp":  # ema, bema; plain at s = t - 1 <= 0 or even; ema2 on the last
+            want = [{"launch": 2 + (t % 2 == 1) + (t == STEPS)} for t in range(1, STEPS + 1)]
             assert r["counts"] == want
         else:
             assert all("collective" not in c for c in r["counts"])

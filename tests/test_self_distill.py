@@ -113,7 +113,7 @@ def test_training_reduces_loss_and_keeps_state(fused):
 
 def test_base_teacher_uses_the_model_without_adapters():
     model = tiny_model()
-    d = SelfDistiller(model, teacher="base", fused_linear=False)
+    d = SelfDistiller(model, teacher="base", hard_label_weight=0.0, fused_linear=False)
     b = batch(2)
     ours, _ = d.compute_loss(b)
     with torch.no_grad(), model.disable_adapter():
@@ -142,8 +142,11 @@ def test_distill_from_step_skips_the_teacher(monkeypatch):
 
 def test_bad_arguments():
     model = tiny_model()
-    with pytest.raises(ValueError, match="teacher_adapter"):
-        SelfDistiller(model, BEMA(model))
+    with pytest.raises(ValueError, match="needs the averager"):
+        SelfDistiller(model)
+    with pytest.raises(ValueError, match="trains nothing.*hard_label_weight > 0"):
+        SelfDistiller(model, EMA(model), hard_label_weight=0.0)
+    assert SelfDistiller(model, EMA(model), hard_label_weight=0.0, distill_from_step=5)
     with pytest.raises(ValueError, match="teacher must be"):
         SelfDistiller(model, teacher="ema")
     with pytest.raises(ValueError, match="hard_label_weight"):
@@ -206,3 +209,62 @@ def test_padding_is_not_scored_without_labels():
     unmasked, _ = d.compute_loss({"input_ids": b["input_ids"], "attention_mask": mask,
                                   "labels": b["input_ids"]})  # fmt: skip
     assert not torch.equal(implicit, unmasked)
+
+
+@pytest.mark.parametrize("cls", [EMA, BEMA])
+def test_defaults_train_from_peft_init(cls):
+    """SelfDistiller(model, avg) as the README writes it: from peft's zero lora_B, the student
+    learns (a positive hard-label weight by default), and the teacher follows."""
+    model = tiny_peft_llama(vocab=96, b_std=0.0)
+    avg = cls(model)
+    d = SelfDistiller(model, avg, fused_linear=False)
+    assert d.loss.options["hard_label_weight"] == 0.5
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(1, 4):
+        loss, _ = d.compute_loss(batch(step))
+        assert loss.item() > 0
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        avg.update()
+    assert any(p.abs().max() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    assert any(t.abs().max() > 0 for n, t in avg.averaged_state_dict().items() if "lora_B" in n)
+
+
+def test_bema_burn_in_delays_distillation_by_default():
+    model = tiny_model()
+    assert SelfDistiller(model, BEMA(model, update_after=10)).distill_from_step == 11
+    assert SelfDistiller(model, BEMA(model)).distill_from_step == 0
+    assert SelfDistiller(model, EMA(model, update_after=10)).distill_from_step == 0
+
+
+def test_teacher_forward_is_deterministic_under_dropout(monkeypatch):
+    from helpers import tiny_llama
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_llama(vocab=96), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.3)
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # peft's zeros would hide the dropout of the LoRA path
+    avg = EMA(model, decay=0.9)
+    for teacher in ("average", "base"):
+        d = SelfDistiller(model, avg, teacher=teacher, fused_linear=False)
+        outs = []
+        real = d._forward
+
+        def spy(b, real=real, outs=outs):
+            out = real(b)
+            outs.append(out.detach().clone())
+            return out
+
+        monkeypatch.setattr(d, "_forward", spy)
+        model.train()
+        for _ in range(2):
+            d.compute_loss(batch(3))
+        teacher_a, student_a, teacher_b, student_b = outs
+        assert torch.equal(teacher_a, teacher_b), teacher  # no dropout in the teacher
+        assert not torch.equal(student_a, student_b)  # the student keeps its dropout
+        assert model.training

@@ -82,3 +82,51 @@ def test_resume_without_averager_state_fails_clearly(tmp_path):
     trainer2 = make_trainer(tmp_path, model2, [AveragerCallback(BEMA(model2))])
     with pytest.raises(FileNotFoundError, match="no averager state"):
         trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+
+def test_top_level_exports():
+    import emalora_fast
+    from emalora_fast import AveragerCallback as A
+    from emalora_fast import AveragingTrainer, SelfDistillationTrainer
+    from emalora_fast.integrations import transformers as integration
+
+    assert A is integration.AveragerCallback
+    assert AveragingTrainer is integration.AveragingTrainer
+    assert SelfDistillationTrainer is integration.SelfDistillationTrainer
+    assert {"AveragerCallback", "AveragingTrainer", "SelfDistillationTrainer"} <= set(
+        emalora_fast.__all__
+    )
+
+
+def test_resume_from_a_checkpoint_outside_output_dir(tmp_path):
+    """trainer.train(resume_from_checkpoint=path) in another output_dir: the averager state is
+    read from the Trainer's own resume path, nothing given to the callback."""
+    from emalora_fast import AveragingTrainer
+
+    def trainer_for(out, model, avg):
+        t = make_trainer(out, model, [])
+        return AveragingTrainer(
+            model=model, args=t.args, train_dataset=t.train_dataset, averager=avg
+        )
+
+    model = tiny_model()
+    avg = BEMA(model)
+    trainer_for(tmp_path / "first", model, avg).train()
+    final = avg.state_dict()
+
+    model2 = tiny_model()
+    avg2 = BEMA(model2)
+    trainer2 = trainer_for(tmp_path / "elsewhere", model2, avg2)
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-3"))
+    assert avg2.step == 6
+    resumed = avg2.state_dict()
+    for key in ("ema", "theta0", "out"):
+        for n in final[key]:
+            torch.testing.assert_close(resumed[key][n], final[key][n], rtol=1e-6, atol=1e-7)
+
+    model3 = tiny_model()
+    avg3 = BEMA(model3)
+    trainer3 = trainer_for(tmp_path / "first", model3, avg3)
+    trainer3.args.max_steps = 9
+    trainer3.train(resume_from_checkpoint=True)  # the last checkpoint of output_dir
+    assert avg3.step == 9

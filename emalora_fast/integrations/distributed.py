@@ -94,7 +94,16 @@ def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return local.clone()
 
 
-def reshard_fsdp(model: nn.Module) -> bool:
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 (``fully_shard``) modules of ``model``; a walk of its module tree."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard_fsdp(model: nn.Module, modules: list[nn.Module] | None = None) -> bool:
     """Register the sharded parameters of every FSDP2 module of ``model`` again.
 
     FSDP2 registers unsharded copies between a forward and the end of the backward (the root
@@ -102,19 +111,16 @@ def reshard_fsdp(model: nn.Module) -> bool:
     are seen by the next forward only once those copies are dropped. A no-op for modules that
     are sharded already.
 
+    Args:
+        model: the model.
+        modules: its :func:`fsdp_modules`, when the caller keeps them (saves the walk).
     Returns:
         whether ``model`` holds FSDP2 modules at all.
     """
-    if "torch.distributed.fsdp" not in sys.modules:
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    found = False
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-            found = True
-    return found
+    mods = fsdp_modules(model) if modules is None else modules
+    for m in mods:
+        m.reshard()
+    return bool(mods)
 
 
 def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

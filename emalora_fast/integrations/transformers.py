@@ -2,8 +2,10 @@
 
 ``AveragerCallback`` updates an :class:`~emalora_fast.EMA`/:class:`~emalora_fast.BEMA` after each
 optimizer step (``on_step_end`` fires once per optimizer step, after gradient accumulation) and
-saves/restores its state with the Trainer's checkpoints, so that
-``trainer.train(resume_from_checkpoint=...)`` continues the average identically.
+saves/restores its state with the Trainer's checkpoints. ``AveragingTrainer`` (a ``Trainer`` with
+that callback) and ``SelfDistillationTrainer`` (the distiller's loss on top) also hand the
+checkpoint given to ``trainer.train(resume_from_checkpoint=...)`` to the callback, so that a resume
+from any folder continues the average identically.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 STATE_FILE = "emalora_averager{rank}.pt"
 
@@ -33,18 +36,20 @@ class AveragerCallback(TrainerCallback):
 
     Args:
         averager: the EMA/BEMA of the model the Trainer trains (built on the unwrapped model).
-        resume_from_checkpoint: a checkpoint folder to restore from when it is not
-            ``<output_dir>/checkpoint-<global step>`` (where the Trainer puts its own).
+        resume_from_checkpoint: a checkpoint folder to restore from. Not needed with
+            :class:`AveragingTrainer`/:class:`SelfDistillationTrainer` (they pass on the folder
+            given to ``train``) or when the checkpoint is ``<output_dir>/checkpoint-<step>``.
     """
 
     def __init__(self, averager, resume_from_checkpoint: str | None = None) -> None:
         self.averager = averager
         self.resume_from_checkpoint = resume_from_checkpoint
+        self.trainer_checkpoint: str | None = None  # set by AveragingTrainer.train
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:
             return
-        candidates = [self.resume_from_checkpoint]
+        candidates = [self.resume_from_checkpoint, self.trainer_checkpoint]
         if isinstance(args.resume_from_checkpoint, str):
             candidates.append(args.resume_from_checkpoint)
         candidates.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
@@ -56,7 +61,8 @@ class AveragerCallback(TrainerCallback):
         if self.averager.step != state.global_step:
             raise FileNotFoundError(
                 f"resuming at step {state.global_step}, but no averager state was found in "
-                f"{[c for c in candidates if c]}; pass AveragerCallback(resume_from_checkpoint=...)"
+                f"{[c for c in candidates if c]}; train with AveragingTrainer (it passes on the "
+                "checkpoint given to train()) or pass AveragerCallback(resume_from_checkpoint=...)"
             )
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -70,7 +76,36 @@ class AveragerCallback(TrainerCallback):
         os.replace(tmp, state_path(folder))
 
 
-class SelfDistillationTrainer(Trainer):
+class AveragingTrainer(Trainer):
+    """A ``transformers.Trainer`` that keeps an EMA/BEMA of the model it trains.
+
+    Args:
+        averager: the EMA/BEMA (None: none, as a plain Trainer).
+        *args, **kwargs: as for ``Trainer``; an :class:`AveragerCallback` for ``averager`` is
+            added unless one is given.
+
+    ``train(resume_from_checkpoint=...)`` restores the averager from that checkpoint (a path,
+    or ``True`` for the last checkpoint in ``output_dir``), wherever it lies.
+    """
+
+    def __init__(self, *args, averager=None, **kwargs):
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if averager is not None and not any(isinstance(c, AveragerCallback) for c in callbacks):
+            callbacks.append(AveragerCallback(averager))
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+        self.averager = averager
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        folder = resume_from_checkpoint
+        if folder is True:
+            folder = get_last_checkpoint(self.args.output_dir)  # None: the Trainer raises
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, AveragerCallback):
+                cb.trainer_checkpoint = os.fspath(folder) if folder else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+class SelfDistillationTrainer(AveragingTrainer):
     """A ``transformers.Trainer`` whose loss is a :class:`~emalora_fast.SelfDistiller`'s.
 
     Args:
@@ -80,15 +115,11 @@ class SelfDistillationTrainer(Trainer):
 
     Gradient accumulation: the Trainer's ``num_items_in_batch`` (tokens scored over all
     accumulated micro-batches) normalizes the loss, so accumulated gradients equal those of one
-    large batch.
+    large batch. Resume as for :class:`AveragingTrainer`.
     """
 
     def __init__(self, *args, distiller, **kwargs):
-        callbacks = list(kwargs.pop("callbacks", None) or [])
-        avg = distiller.averager
-        if avg is not None and not any(isinstance(c, AveragerCallback) for c in callbacks):
-            callbacks.append(AveragerCallback(avg))
-        super().__init__(*args, callbacks=callbacks, **kwargs)
+        super().__init__(*args, averager=distiller.averager, **kwargs)
         self.distiller = distiller
         # compute_loss normalizes by num_items_in_batch itself: no further division by the
         # number of accumulation steps.
