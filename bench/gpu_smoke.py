@@ -169,7 +169,8 @@ STEPS = [
 
 def main() -> int:
     failed = 0
-    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    print(name, torch.__version__, flush=True)
     for name, fn in STEPS:
         t0 = time.perf_counter()
         try:
@@ -180,7 +181,8 @@ def main() -> int:
             print(f"FAIL {name} ({time.perf_counter() - t0:.1f} s): {type(exc).__name__}: {exc}")
             traceback.print_exc(limit=4)
             sys.stdout.flush()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return 1 if failed else 0
 
 
