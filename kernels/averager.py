@@ -130,11 +130,12 @@ def averager_update(
     theta0: torch.Tensor | None,
     out: torch.Tensor | None,
     flag: torch.Tensor,
-    c_ema: float,
-    c_theta: float,
+    c_ema: list[float],
+    c_theta: list[float],
     alpha: float,
     reset: bool,
     teacher_ema: bool = False,
+    teacher_profile: int = 0,
 ) -> None:
     """One launch: update ``ema`` (and ``out``/``theta0`` for BEMA, the teachers if planned).
 
@@ -143,6 +144,9 @@ def averager_update(
     """
     if plan.num_blocks == 0:
         return
+    if len(c_ema) != 1:
+        raise NotImplementedError("several EMA profiles in the Triton kernel")
+    c_ema, c_theta = c_ema[0], c_theta[0]
     is_bema = theta0 is not None
     _averager_kernel[(plan.num_blocks,)](
         plan.param_ptrs,
