@@ -193,13 +193,18 @@ def averager_launch(
     theta0: torch.Tensor | None,
     out: torch.Tensor | None,
     flag: torch.Tensor,
-    c_ema: float,
-    c_theta: float,
+    c_ema: list[float],
+    c_theta: list[float],
     alpha: float,
     reset: bool,
     teacher_ema: bool = False,
+    teacher_profile: int = 0,
 ) -> Launch:
-    """The launch of :func:`averager_update` (what the compile check compiles)."""
+    """The launch of :func:`averager_update` (what the compile check compiles): one EMA profile
+    (``c_ema``, ``c_theta`` are lists of one weight each; several are the C++ op's)."""
+    if len(c_ema) != 1:
+        raise NotImplementedError("several EMA profiles in the Triton kernel")
+    c_ema, c_theta = c_ema[0], c_theta[0]
     is_bema = theta0 is not None
     flats = (ema, theta0, out) if is_bema else (ema,)
     return Launch(

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import FP32_RTOL, Oracle, assert_close, one_ulp_bound, rounding_bound
+from helpers import FP32_RTOL, Oracle, assert_close, backend_or_skip, one_ulp_bound, rounding_bound
 from torch import nn
 
 from emalora_fast import BEMA, EMA, BackendUnavailableError
@@ -14,14 +14,6 @@ from emalora_fast import _dispatch as dispatch
 
 BACKENDS = ["cpp", "triton", "torch"]
 ALL = lambda name, p: True  # noqa: E731  (select every parameter of the toy modules)
-
-
-def backend_or_skip(backend: str) -> str:
-    if backend == "triton":
-        pytest.importorskip("triton")
-    if backend == "cpp" and not dispatch.cpp_available():
-        pytest.skip("emalora_fast._C is not built")
-    return backend
 
 
 class Bag(nn.Module):
