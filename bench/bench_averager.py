@@ -42,3 +42,13 @@ def bench_teacher_switch(benchmark, device, provider):
 
     benchmark.group = "teacher-switch-30-layers"
     run(benchmark, teacher.cases(device, layers=2 if SMOKE else 30)[provider])
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("provider", ["emalora", "k_averagers", "k_foreach"])
+def bench_profiles(benchmark, device, k, provider):
+    """K EMA profiles: one launch for all vs K separate updates (floor 4 + 8K bytes/element)."""
+    providers, numel = cases.profile_cases(k, MODEL, device, layers=LAYERS)
+    benchmark.group = f"profiles-k{k}-{MODEL}"
+    benchmark.extra_info.update(numel=numel, floor_bytes_per_element=cases.profile_floor_bytes(k))
+    run(benchmark, providers[provider])

@@ -1,12 +1,14 @@
 // Fused EMA / BEMA update of many tensors in one op call (CPU).
 //
-// Per element of the flat fp32 buffers (theta = the live parameter, in its own dtype):
-//   reset:  ema = theta; theta0 = theta; out = theta
-//   update: ema' = c_ema * ema + c_theta * theta
-//           out  = ema' + alpha * (theta - theta0)        (BEMA, when theta0 is given)
-//   teacher[i] = (BEMA && !teacher_ema ? out : ema') cast to the teacher's dtype, when teachers
-//                are given.
+// Per element of the flat fp32 buffers (theta = the live parameter, in its own dtype), for each
+// of the K EMA profiles k (ema is [K, P]; BEMA has K = 1):
+//   reset:  ema[k] = theta; theta0 = theta; out = theta
+//   update: ema[k]' = c_ema[k] * ema[k] + c_theta[k] * theta
+//           out     = ema[0]' + alpha * (theta - theta0)        (BEMA, when theta0 is given)
+//   teacher = (BEMA && !teacher_ema ? out : ema[teacher_profile]') cast to the teacher's dtype,
+//             when teachers are given.
 // Elements whose theta is not finite keep every state value and set flag[0] = 1.
+// theta is read once for all K profiles: 4 + 8K bytes per fp32 element.
 #include "common.h"
 
 #include <ATen/Dispatch.h>
@@ -21,18 +23,41 @@
 namespace emalora_fast {
 namespace {
 
+constexpr int64_t kMaxProfiles = 8;
+
 struct Coeffs {
-  float c_ema, c_theta, alpha;
+  float c_ema[kMaxProfiles], c_theta[kMaxProfiles], alpha;
+  int64_t profiles;         // K
+  int64_t stride;           // P: elements between two profiles' shadows
+  int64_t teacher_profile;  // the profile the teachers receive (EMA)
   bool reset;
   bool teacher_ema;  // BEMA: the teachers receive ema instead of out
 };
 
 // The update of one chunk of m finite elements; the switches are compile-time so that every
-// variant is a branch-free vectorizable loop.
+// variant is a branch-free vectorizable loop. With K > 1 profiles (EMA) each profile is one more
+// pass over the chunk, whose theta values sit in L1 after the first.
 template <typename P, typename T, bool BEMA, bool TEACH, bool TEACH_EMA, bool RESET>
 inline void update_chunk(const P* __restrict th, T* __restrict te, float* __restrict e,
                          float* __restrict t0, float* __restrict o, int64_t m, const Coeffs& k) {
-  const float c_ema = k.c_ema, c_theta = k.c_theta, alpha = k.alpha;
+  if (!BEMA && k.profiles > 1) {
+    for (int64_t p = 0; p < k.profiles; ++p) {
+      float* __restrict ep = e + p * k.stride;
+      const float c_ema = k.c_ema[p], c_theta = k.c_theta[p];
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) {
+        const float x = static_cast<float>(th[i]);
+        ep[i] = RESET ? x : c_ema * ep[i] + c_theta * x;
+      }
+    }
+    if constexpr (TEACH) {
+      const float* __restrict et = e + k.teacher_profile * k.stride;
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) te[i] = static_cast<T>(et[i]);
+    }
+    return;
+  }
+  const float c_ema = k.c_ema[0], c_theta = k.c_theta[0], alpha = k.alpha;
 #pragma omp simd
   for (int64_t i = 0; i < m; ++i) {
     const float x = static_cast<float>(th[i]);
@@ -148,14 +173,21 @@ void check_state(const at::Tensor& t, int64_t total, const char* what) {
 
 void averager_update(at::TensorList params, at::TensorList teachers, const at::Tensor& ema,
                      const std::optional<at::Tensor>& theta0, const std::optional<at::Tensor>& out,
-                     const at::Tensor& flag, double c_ema, double c_theta, double alpha,
-                     bool reset, bool teacher_ema) {
+                     const at::Tensor& flag, at::ArrayRef<double> c_ema,
+                     at::ArrayRef<double> c_theta, double alpha, bool reset, bool teacher_ema,
+                     int64_t teacher_profile) {
   TORCH_CHECK(!params.empty(), "averager_update: no parameters");
   TORCH_CHECK(teachers.empty() || teachers.size() == params.size(),
               "averager_update: got ", teachers.size(), " teacher tensors for ", params.size(),
               " parameters");
   TORCH_CHECK(theta0.has_value() == out.has_value(),
               "averager_update: theta0 and out go together (BEMA) or are both absent (EMA)");
+  const int64_t profiles = static_cast<int64_t>(c_ema.size());
+  TORCH_CHECK(profiles >= 1 && profiles <= kMaxProfiles && c_theta.size() == c_ema.size(),
+              "averager_update: 1 to ", kMaxProfiles, " profiles, one c_ema and c_theta each");
+  TORCH_CHECK(!theta0 || profiles == 1, "averager_update: BEMA has one profile");
+  TORCH_CHECK(teacher_profile >= 0 && teacher_profile < profiles,
+              "averager_update: teacher_profile out of range");
   const auto p_type = params[0].scalar_type();
   const auto t_type = teachers.empty() ? p_type : teachers[0].scalar_type();
   std::vector<int64_t> starts(params.size() + 1, 0);
@@ -173,15 +205,24 @@ void averager_update(at::TensorList params, at::TensorList teachers, const at::T
     starts[i + 1] = starts[i] + p.numel();
   }
   const int64_t total = starts.back();
-  check_state(ema, total, "ema");
+  check_state(ema, total * profiles, "ema");
   if (theta0) {
     check_state(*theta0, total, "theta0");
     check_state(*out, total, "out");
   }
   TORCH_CHECK(flag.device().is_cpu() && flag.scalar_type() == at::kInt && flag.numel() >= 1,
               "averager_update: flag must be a CPU int32 tensor");
-  const Coeffs k{static_cast<float>(c_ema), static_cast<float>(c_theta),
-                 static_cast<float>(alpha), reset, teacher_ema};
+  Coeffs k{};
+  for (int64_t p = 0; p < profiles; ++p) {
+    k.c_ema[p] = static_cast<float>(c_ema[p]);
+    k.c_theta[p] = static_cast<float>(c_theta[p]);
+  }
+  k.alpha = static_cast<float>(alpha);
+  k.profiles = profiles;
+  k.stride = total;
+  k.teacher_profile = teacher_profile;
+  k.reset = reset;
+  k.teacher_ema = teacher_ema;
   const std::vector<at::Tensor> p_vec(params.begin(), params.end());
   const std::vector<at::Tensor> t_vec(teachers.begin(), teachers.end());
   float* th0 = theta0 ? theta0->data_ptr<float>() : nullptr;
@@ -200,8 +241,8 @@ void averager_update(at::TensorList params, at::TensorList teachers, const at::T
 TORCH_LIBRARY_FRAGMENT(emalora_fast, m) {
   m.def(
       "averager_update(Tensor[] params, Tensor(a!)[] teachers, Tensor(b!) ema, "
-      "Tensor(c!)? theta0, Tensor(d!)? out, Tensor(e!) flag, float c_ema, float c_theta, "
-      "float alpha, bool reset, bool teacher_ema=False) -> ()");
+      "Tensor(c!)? theta0, Tensor(d!)? out, Tensor(e!) flag, float[] c_ema, float[] c_theta, "
+      "float alpha, bool reset, bool teacher_ema=False, int teacher_profile=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(emalora_fast, CPU, m) { m.impl("averager_update", &averager_update); }

@@ -256,63 +256,79 @@ void grad_chunk(const A* __restrict r, const A* __restrict b, int64_t n, const R
   }
 }
 
-template <typename S, typename T, typename A, int64_t DIV, bool RAW>
-void forward_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels,
-                  const Options& o, A* loss, A* stats) {
+// The rows of a pass, in parallel: fn(row, s_row, t_row, label, ignored) for each row.
+template <typename S, typename T, typename Fn>
+void for_each_row(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels,
+                  const Options& o, Fn fn) {
   const int64_t N = student.size(0), V = student.size(1);
   const int64_t s_stride = student.stride(0), t_stride = teacher.stride(0);
   const S* s_base = student.const_data_ptr<S>();
   const T* t_base = teacher.const_data_ptr<T>();
-  const A inv_t = static_cast<A>(o.inv_t);
-  const A beta = static_cast<A>(o.beta);
   at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(V, 1)),
                    [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t label = labels ? labels[row] : 0;
+      fn(row, s_base + row * s_stride, t_base + row * t_stride, label,
+         labels != nullptr && label == o.ignore_index);
+    }
+  });
+}
+
+// The chunks of one row, each loaded into the L1 buffers r (raw s) and b (t / T) with their
+// maxima, then fn(c0, n, rmax, bmax).
+template <typename S, typename T, typename A, typename Fn>
+void for_each_chunk(const S* s, const T* t, int64_t V, A inv_t, A* r, A* b, Fn fn) {
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    A rmax, bmax;
+    load_chunk<S, T, A>(s + c0, t + c0, n, inv_t, r, b, rmax, bmax);
+    fn(c0, n, rmax, bmax);
+  }
+}
+
+template <typename S, typename T, typename A, int64_t DIV, bool RAW>
+void forward_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels,
+                  const Options& o, A* loss, A* stats) {
+  const int64_t V = student.size(1);
+  const A inv_t = static_cast<A>(o.inv_t);
+  const A beta = static_cast<A>(o.beta);
+  for_each_row<S, T>(student, teacher, labels, o, [&](int64_t row, const S* s, const T* t,
+                                                      int64_t label, bool ignored) {
+    A* st_out = stats + row * kStats;
+    if (ignored) {
+      loss[row] = 0;
+      std::fill(st_out, st_out + kStats, A(0));
+      return;
+    }
     alignas(64) A r[kChunk];
     alignas(64) A b[kChunk];
-    for (int64_t row = begin; row < end; ++row) {
-      A* st_out = stats + row * kStats;
-      const int64_t label = labels ? labels[row] : 0;
-      if (labels && label == o.ignore_index) {
-        loss[row] = 0;
-        std::fill(st_out, st_out + kStats, A(0));
-        continue;
-      }
-      const S* s = s_base + row * s_stride;
-      const T* t = t_base + row * t_stride;
-      Online<A> on;
-      for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
-        const int64_t n = std::min(kChunk, V - c0);
-        A rmax, bmax;
-        load_chunk<S, T, A>(s + c0, t + c0, n, inv_t, r, b, rmax, bmax);
-        stats_chunk<A, DIV, RAW>(r, b, n, inv_t, rmax, bmax, on);
-      }
-      const double ld_a = std::log(on.da), ld_b = std::log(on.db);
-      const LogZ<A> za{on.ma, A(ld_a)}, zb{on.mb, A(ld_b)};
-      const LogZ<A> zr = RAW ? LogZ<A>{on.mr, A(std::log(on.dr))} : za;  // a == s when T == 1
-      A div = 0, aux = 0;
-      if constexpr (DIV == kForwardKL) {
-        div = A(on.x / on.db + (ld_a - ld_b));
-      } else if constexpr (DIV == kReverseKL) {
-        div = A(on.x / on.da - (ld_a - ld_b));
-        aux = div;
-      } else {
-        const A log_beta = std::log(beta), log_1mbeta = std::log1p(-beta);
-        double kl_pm = 0, kl_qm = 0;
-        for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
-          const int64_t n = std::min(kChunk, V - c0);
-          A rmax, bmax;
-          load_chunk<S, T, A>(s + c0, t + c0, n, inv_t, r, b, rmax, bmax);
-          jsd_chunk<A>(r, b, n, inv_t, za, zb, log_beta, log_1mbeta, kl_pm, kl_qm);
-        }
-        div = A(double(beta) * kl_pm + (1.0 - double(beta)) * kl_qm);
-        aux = A(kl_qm);
-      }
-      A out = static_cast<A>(o.div_scale) * div;
-      if (o.ce) out += static_cast<A>(o.ce_scale) * ((zr.m - static_cast<A>(s[label])) + zr.ld);
-      loss[row] = out;
-      const A row_stats[kStats] = {za.m, za.ld, zb.m, zb.ld, zr.m, zr.ld, aux};
-      std::copy(row_stats, row_stats + kStats, st_out);
+    Online<A> on;
+    for_each_chunk<S, T, A>(s, t, V, inv_t, r, b, [&](int64_t, int64_t n, A rmax, A bmax) {
+      stats_chunk<A, DIV, RAW>(r, b, n, inv_t, rmax, bmax, on);
+    });
+    const double ld_a = std::log(on.da), ld_b = std::log(on.db);
+    const LogZ<A> za{on.ma, A(ld_a)}, zb{on.mb, A(ld_b)};
+    const LogZ<A> zr = RAW ? LogZ<A>{on.mr, A(std::log(on.dr))} : za;  // a == s when T == 1
+    A div = 0, aux = 0;
+    if constexpr (DIV == kForwardKL) {
+      div = A(on.x / on.db + (ld_a - ld_b));
+    } else if constexpr (DIV == kReverseKL) {
+      div = A(on.x / on.da - (ld_a - ld_b));
+      aux = div;
+    } else {
+      const A log_beta = std::log(beta), log_1mbeta = std::log1p(-beta);
+      double kl_pm = 0, kl_qm = 0;
+      for_each_chunk<S, T, A>(s, t, V, inv_t, r, b, [&](int64_t, int64_t n, A, A) {
+        jsd_chunk<A>(r, b, n, inv_t, za, zb, log_beta, log_1mbeta, kl_pm, kl_qm);
+      });
+      div = A(double(beta) * kl_pm + (1.0 - double(beta)) * kl_qm);
+      aux = A(kl_qm);
     }
+    A out = static_cast<A>(o.div_scale) * div;
+    if (o.ce) out += static_cast<A>(o.ce_scale) * ((zr.m - static_cast<A>(s[label])) + zr.ld);
+    loss[row] = out;
+    const A row_stats[kStats] = {za.m, za.ld, zb.m, zb.ld, zr.m, zr.ld, aux};
+    std::copy(row_stats, row_stats + kStats, st_out);
   });
 }
 
@@ -320,49 +336,38 @@ template <typename S, typename T, typename A, int64_t DIV, bool CE>
 void backward_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels,
                    const A* stats, const A* grad_rows, const Options& o, S* grad,
                    int64_t g_stride) {
-  const int64_t N = student.size(0), V = student.size(1);
-  const int64_t s_stride = student.stride(0), t_stride = teacher.stride(0);
-  const S* s_base = student.const_data_ptr<S>();
-  const T* t_base = teacher.const_data_ptr<T>();
+  const int64_t V = student.size(1);
   const A inv_t = static_cast<A>(o.inv_t);
   const A beta = static_cast<A>(o.beta);
-  at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(V, 1)),
-                   [&](int64_t begin, int64_t end) {
+  for_each_row<S, T>(student, teacher, labels, o, [&](int64_t row, const S* s, const T* t,
+                                                      int64_t label, bool ignored) {
+    S* out = grad + row * g_stride;
+    if (ignored) {
+      std::fill(out, out + V, S(0));
+      return;
+    }
+    const A* st = stats + row * kStats;
+    const A go = grad_rows[row];
+    RowGrad<A> k{inv_t,
+                 {st[0], st[1]},
+                 {st[2], st[3]},
+                 {st[4], st[5]},
+                 st[6],
+                 go * static_cast<A>(o.div_scale) * inv_t,
+                 go * static_cast<A>(o.ce_scale),
+                 A(1) - beta,
+                 DIV == kJSD ? std::log(beta) : A(0),
+                 DIV == kJSD ? std::log1p(-beta) : A(0)};
     alignas(64) A r[kChunk];
     alignas(64) A b[kChunk];
     alignas(64) A g[kChunk];
-    for (int64_t row = begin; row < end; ++row) {
-      S* out = grad + row * g_stride;
-      const int64_t label = labels ? labels[row] : 0;
-      if (labels && label == o.ignore_index) {
-        std::fill(out, out + V, S(0));
-        continue;
-      }
-      const S* s = s_base + row * s_stride;
-      const T* t = t_base + row * t_stride;
-      const A* st = stats + row * kStats;
-      const A go = grad_rows[row];
-      RowGrad<A> k{inv_t,
-                   {st[0], st[1]},
-                   {st[2], st[3]},
-                   {st[4], st[5]},
-                   st[6],
-                   go * static_cast<A>(o.div_scale) * inv_t,
-                   go * static_cast<A>(o.ce_scale),
-                   A(1) - beta,
-                   DIV == kJSD ? std::log(beta) : A(0),
-                   DIV == kJSD ? std::log1p(-beta) : A(0)};
-      for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
-        const int64_t n = std::min(kChunk, V - c0);
-        A rmax, bmax;
-        load_chunk<S, T, A>(s + c0, t + c0, n, inv_t, r, b, rmax, bmax);
-        grad_chunk<A, DIV, CE>(r, b, n, k, g);
-        if (CE && label >= c0 && label < c0 + n) g[label - c0] -= k.ce_coef;
-        S* o_chunk = out + c0;
+    for_each_chunk<S, T, A>(s, t, V, inv_t, r, b, [&](int64_t c0, int64_t n, A, A) {
+      grad_chunk<A, DIV, CE>(r, b, n, k, g);
+      if (CE && label >= c0 && label < c0 + n) g[label - c0] -= k.ce_coef;
+      S* o_chunk = out + c0;
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) o_chunk[i] = static_cast<S>(g[i]);
-      }
-    }
+      for (int64_t i = 0; i < n; ++i) o_chunk[i] = static_cast<S>(g[i]);
+    });
   });
 }
 

@@ -8,6 +8,7 @@ from ._dispatch import BackendUnavailableError
 from .averager import BEMA, EMA
 from .fused_linear import FusedLinearDistillationLoss, fused_linear_distillation_loss
 from .loss import DistillationLoss, distillation_loss
+from .posthoc import PostHocEMA
 from .schedules import bema_coefficients, ema_decay
 from .self_distill import SelfDistiller
 
@@ -37,6 +38,7 @@ __all__ = [
     "BackendUnavailableError",
     "DistillationLoss",
     "FusedLinearDistillationLoss",
+    "PostHocEMA",
     "SelfDistillationTrainer",
     "SelfDistiller",
     "bema_coefficients",

@@ -19,14 +19,17 @@ class StateMixin:
         """The settings that define the average (compared on :meth:`load_state_dict`)."""
         return {"update_after": self.update_after, "update_every": self.update_every}
 
-    def _state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+    def _state_tensors(self, profiles_first: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """Views of the state by key and parameter name. ``ema`` views are [K, *shape] with
+        several profiles (or ``profiles_first``), else the parameter's shape."""
         state: dict[str, dict[str, torch.Tensor]] = {"ema": {}, "flag": {}}
         if self._is_bema:
             state["theta0"], state["out"] = {}, {}
+        squeeze = self._profiles == 1 and not profiles_first
         for g in self._groups:
             for key, views in g.views.items():
                 for n, v in zip(g.names, views, strict=True):
-                    state[key][n] = v
+                    state[key][n] = v[0] if key == "ema" and squeeze else v
             for n in g.names:
                 state["flag"][n] = g.flag
         return state
@@ -118,4 +121,4 @@ class StateMixin:
         self._anchored = bool(state["anchored"])
         for g in self._groups:
             if g.teacher_locals:
-                torch._foreach_copy_(g.teacher_locals, g.views[self._teacher_view])
+                torch._foreach_copy_(g.teacher_locals, self._teacher_views(g))

@@ -78,6 +78,11 @@ _DISTILL_KEYS = {
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.compile_report:
+        from .benchmarks.compile_report import compile_report
+
+        print(compile_report(args.compile_subset))
+        return 0
     from .benchmarks.report import run_bench
 
     run_bench(quick=args.quick, output_dir=args.output_dir, device=args.device)
@@ -135,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small sets, a few repetitions")
     bench.add_argument("--output-dir", default="emalora-runs/bench", help="CSV/JSON/PNG go here")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    bench.add_argument(
+        "--compile-report",
+        action="store_true",
+        help="compile every kernel ahead of time for sm_90 and sm_80 (no GPU needed) and print "
+        "registers, spills, instruction mix and the byte/FLOP floors (estimates)",
+    )
+    bench.add_argument(
+        "--compile-subset",
+        default="default",
+        choices=["default", "all"],
+        help="with --compile-report: the default configurations or every case",
+    )
     bench.set_defaults(func=_bench)
     return parser
 

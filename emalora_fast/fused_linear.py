@@ -9,8 +9,10 @@ their gradient. One :class:`torch.autograd.Function` wraps the backends:
   ``emalora_fast.kernels.fused_linear``. Logits exist only as [BLOCK_N, BLOCK_V] tiles in
   registers: pass 1 keeps online log-sum-exp statistics per row (split over the vocabulary and
   merged here with a few O(N) torch ops), interior-beta JSD takes a second pass for KL(p||M) and
-  KL(q||M), and the backward pass recomputes each tile and pushes dL/dz straight into
-  grad_h += g W and grad_W += g^T h with fp32 atomic adds.
+  KL(q||M), and the backward pass recomputes each tile and forms g = dL/dz: by default it writes
+  g for a chunk of rows and two GEMMs give grad_h = g W and grad_W = g^T h in the weight's dtype
+  (no atomics); ``EMALORA_FUSED_LINEAR_BACKWARD=atomic`` pushes each tile straight into fp32
+  grad_h and grad_W with relaxed atomic adds instead.
 - ``"cpp"`` and ``"torch"`` (any device; float64 too): chunks of ``rows`` tokens (only rows
   whose label counts) by the whole vocabulary. Each chunk's logits [rows, V] are formed with one
   fp32 (fp64) matmul per model (one for both when the head is shared), handed to the row ops of
@@ -523,7 +525,7 @@ def fused_linear_distillation_loss(
             path) whose every |dl_i/dz_ij| is at most eps (row loss l_i, before the reduction)
             are left out of the gradients, as cut-cross-entropy does. The error of each gradient
             entry is then at most eps |grad_output_i| times the sum of the |W| (or |h|) entries
-            of the skipped tiles. It saves time on the Triton path only.
+            of the skipped tiles. It saves time with the Triton backend's atomic backward only.
         backend: ``"auto"`` (CUDA: triton; CPU: cpp when built, else torch), ``"triton"``,
             ``"cpp"`` or ``"torch"``.
 

@@ -24,53 +24,55 @@ def averager_update_(
     out: list[torch.Tensor] | None,
     teachers: list[torch.Tensor] | None,
     flag: torch.Tensor,
-    c_ema: float,
-    c_theta: float,
+    c_ema: list[float],
+    c_theta: list[float],
     alpha: float,
     reset: bool,
     teacher_from_ema: bool = False,
+    teacher_profile: int = 0,
 ) -> None:
-    """Fused EMA / BEMA update, in place, tensor by tensor.
+    """Fused EMA / BEMA update of K EMA profiles, in place, tensor by tensor.
 
-    For each tensor (theta cast to the state dtype)::
+    For each tensor (theta cast to the state dtype) and each profile k::
 
-        reset:  ema = theta0 = out = theta
-        update: ema  = c_ema * ema + c_theta * theta
-                out  = ema + alpha * (theta - theta0)          (BEMA: theta0/out given)
-        teacher = (out if BEMA and not teacher_from_ema else ema), cast to the teacher's dtype
+        reset:  ema[k] = theta0 = out = theta
+        update: ema[k] = c_ema[k] * ema[k] + c_theta[k] * theta
+                out    = ema[0] + alpha * (theta - theta0)       (BEMA, K = 1: theta0/out given)
+        teacher = (out if BEMA and not teacher_from_ema else ema[teacher_profile]), cast to the
+                  teacher's dtype
 
     Elements whose theta is not finite keep all their state and set ``flag`` to 1.
 
     Args:
         params: live tensors theta.
-        ema: shadow tensors, shapes of ``params``.
-        theta0: BEMA anchors, or None for EMA.
+        ema: shadow tensors, ``[K, *shape]`` for a parameter of ``shape``.
+        theta0: BEMA anchors (shapes of ``params``), or None for EMA.
         out: BEMA outputs, or None for EMA (given together with ``theta0``).
         teachers: tensors to receive the averaged value, or None.
         flag: int32 tensor of one element, set to 1 on a non-finite theta.
-        c_ema: weight of the old shadow (EMA: d; BEMA: 1 - beta).
-        c_theta: weight of theta (EMA: 1 - d; BEMA: beta).
+        c_ema: per profile, weight of the old shadow (EMA: d; BEMA: 1 - beta).
+        c_theta: per profile, weight of theta (EMA: 1 - d; BEMA: beta).
         alpha: BEMA bias-correction weight.
         reset: copy theta into the state instead of averaging.
         teacher_from_ema: BEMA: the teachers receive ``ema`` instead of ``out``.
+        teacher_profile: the profile the teachers receive (EMA).
     """
     is_bema = theta0 is not None
     for i, p in enumerate(params):
-        theta = p.detach().reshape(ema[i].shape).to(ema[i].dtype)
+        e = ema[i]
+        theta = p.detach().reshape(e.shape[1:]).to(e.dtype)
         ok = torch.isfinite(theta)
         flag.copy_(torch.maximum(flag, (~ok.all()).to(flag.dtype)))
-        if reset:
-            new_ema = theta
-        else:
-            new_ema = c_ema * ema[i] + c_theta * theta
-        ema[i].copy_(torch.where(ok, new_ema, ema[i]))
-        avg = ema[i]
+        for k in range(e.shape[0]):
+            new_ema = theta if reset else c_ema[k] * e[k] + c_theta[k] * theta
+            e[k].copy_(torch.where(ok, new_ema, e[k]))
+        avg = e[teacher_profile]
         if is_bema:
             if reset:
                 theta0[i].copy_(torch.where(ok, theta, theta0[i]))
                 new_out = theta
             else:
-                new_out = ema[i] + alpha * (theta - theta0[i])
+                new_out = e[0] + alpha * (theta - theta0[i])
             out[i].copy_(torch.where(ok, new_out, out[i]))
             if not teacher_from_ema:
                 avg = out[i]

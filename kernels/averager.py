@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import Launch
+
 BLOCK = 2048  # elements per program
 
 _TL_DTYPES = {
@@ -20,6 +22,53 @@ _TL_DTYPES = {
     torch.bfloat16: tl.bfloat16,
     torch.float16: tl.float16,
 }
+
+
+@triton.jit
+def _average_block(
+    theta,  # [BLOCK] fp32 theta of this block
+    ema_at,  # [BLOCK] pointers into the fp32 shadow
+    theta0_at,  # [BLOCK] pointers into theta_0 (BEMA only)
+    out_at,  # [BLOCK] pointers into the BEMA output (BEMA only)
+    teacher_at,  # [BLOCK] pointers into the teacher tensor (HAS_TEACHER only)
+    mask,  # [BLOCK] elements to update, or None for all of them
+    c_ema,
+    c_theta,
+    alpha,
+    TEACHER_DTYPE: tl.constexpr,
+    IS_BEMA: tl.constexpr,
+    RESET: tl.constexpr,
+    HAS_TEACHER: tl.constexpr,
+    TEACHER_EMA: tl.constexpr,
+):
+    """The update of one block; ``mask`` None gives unmasked (vectorizable) accesses."""
+    if RESET:
+        ema = theta
+        tl.store(ema_at, ema, mask=mask)
+        if IS_BEMA:
+            tl.store(theta0_at, theta, mask=mask)
+            tl.store(out_at, theta, mask=mask)
+        avg = theta
+    else:
+        if mask is None:
+            ema = tl.load(ema_at)
+        else:
+            ema = tl.load(ema_at, mask=mask, other=0.0)
+        ema = c_ema * ema + c_theta * theta
+        tl.store(ema_at, ema, mask=mask)
+        if IS_BEMA:
+            if mask is None:
+                theta0 = tl.load(theta0_at)
+            else:
+                theta0 = tl.load(theta0_at, mask=mask, other=0.0)
+            avg = ema + alpha * (theta - theta0)
+            tl.store(out_at, avg, mask=mask)
+        else:
+            avg = ema
+    if HAS_TEACHER:
+        if TEACHER_EMA:
+            avg = ema
+        tl.store(teacher_at, avg.to(TEACHER_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -43,6 +92,7 @@ def _averager_kernel(
     RESET: tl.constexpr,
     HAS_TEACHER: tl.constexpr,
     TEACHER_EMA: tl.constexpr,  # BEMA: the teacher receives ema instead of the BEMA output
+    ALIGNED: tl.constexpr,  # host-checked: 16-byte aligned tensors, tensor starts % 4 == 0
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -50,38 +100,47 @@ def _averager_kernel(
     first = tl.load(block_offset + pid)
     numel = tl.load(tensor_numel + t)
     flat = tl.load(tensor_start + t) + first
-    offs = tl.arange(0, BLOCK).to(tl.int64)
-    in_bounds = first + offs < numel
-
     theta_base = tl.load(param_ptrs + t).to(tl.pointer_type(PARAM_DTYPE))
-    theta = tl.load(theta_base + first + offs, mask=in_bounds, other=0.0).to(tl.float32)
-    finite = (theta * 0.0) == 0.0  # False for inf and NaN
-    ok = in_bounds & finite
-    bad = tl.max((in_bounds & ~finite).to(tl.int32), axis=0)
-    tl.store(flag_ptr, bad, mask=bad > 0)
-
-    if RESET:
-        ema = theta
-        tl.store(ema_ptr + flat + offs, ema, mask=ok)
-        if IS_BEMA:
-            tl.store(theta0_ptr + flat + offs, theta, mask=ok)
-            tl.store(out_ptr + flat + offs, theta, mask=ok)
-        avg = theta
-    else:
-        ema = tl.load(ema_ptr + flat + offs, mask=ok, other=0.0)
-        ema = c_ema * ema + c_theta * theta
-        tl.store(ema_ptr + flat + offs, ema, mask=ok)
-        if IS_BEMA:
-            theta0 = tl.load(theta0_ptr + flat + offs, mask=ok, other=0.0)
-            avg = ema + alpha * (theta - theta0)
-            tl.store(out_ptr + flat + offs, avg, mask=ok)
-        else:
-            avg = ema
+    teacher_base = theta_base
     if HAS_TEACHER:
         teacher_base = tl.load(teacher_ptrs + t).to(tl.pointer_type(TEACHER_DTYPE))
-        if TEACHER_EMA:
-            avg = ema
-        tl.store(teacher_base + first + offs, avg.to(TEACHER_DTYPE), mask=ok)
+    if ALIGNED:
+        # Alignment facts Triton cannot see through the tables: 128-bit accesses on full blocks.
+        theta_base = tl.multiple_of(theta_base, 16)
+        teacher_base = tl.multiple_of(teacher_base, 16)
+        first = tl.multiple_of(first, BLOCK)
+        flat = tl.multiple_of(flat, 4)
+    offs = tl.arange(0, BLOCK)
+    theta_at = theta_base + first + offs
+    ema_at = ema_ptr + flat + offs
+    theta0_at = theta0_ptr + flat + offs
+    out_at = out_ptr + flat + offs
+    teacher_at = teacher_base + first + offs
+    in_bounds = first + offs < numel
+    full = False
+    if ALIGNED:
+        full = first + BLOCK <= numel
+    if full:
+        theta = tl.load(theta_at).to(tl.float32)
+    else:
+        theta = tl.load(theta_at, mask=in_bounds, other=0.0).to(tl.float32)
+    finite = (theta * 0.0) == 0.0  # False for inf and NaN
+    bad = tl.max((in_bounds & ~finite).to(tl.int32), axis=0)
+    fast = False
+    if ALIGNED:
+        fast = full & (bad == 0)
+    if fast:
+        _average_block(
+            theta, ema_at, theta0_at, out_at, teacher_at, None, c_ema, c_theta, alpha,
+            TEACHER_DTYPE, IS_BEMA, RESET, HAS_TEACHER, TEACHER_EMA,
+        )  # fmt: skip
+    else:
+        # A tail block, or a non-finite theta: those elements keep their average; flag it.
+        tl.store(flag_ptr, bad, mask=bad > 0)
+        _average_block(
+            theta, ema_at, theta0_at, out_at, teacher_at, in_bounds & finite, c_ema, c_theta,
+            alpha, TEACHER_DTYPE, IS_BEMA, RESET, HAS_TEACHER, TEACHER_EMA,
+        )  # fmt: skip
 
 
 class AveragerPlan:
@@ -112,6 +171,10 @@ class AveragerPlan:
         self.param_dtype = _TL_DTYPES[dtype]
         self.teacher_dtype = _TL_DTYPES[teachers[0].dtype] if teachers else self.param_dtype
 
+        addresses = [t.data_ptr() for t in params + (teachers or [])]
+        # 128-bit accesses need 16-byte aligned tensors and flat starts on 4 fp32 elements.
+        self.aligned = all(a % 16 == 0 for a in addresses) and bool((starts % 4 == 0).all())
+
         def pointers(tensors):
             return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device)
 
@@ -124,46 +187,64 @@ class AveragerPlan:
         self.block_offset = block_offset.to(device)
 
 
-def averager_update(
+def averager_launch(
     plan: AveragerPlan,
     ema: torch.Tensor,
     theta0: torch.Tensor | None,
     out: torch.Tensor | None,
     flag: torch.Tensor,
-    c_ema: float,
-    c_theta: float,
+    c_ema: list[float],
+    c_theta: list[float],
     alpha: float,
     reset: bool,
     teacher_ema: bool = False,
-) -> None:
-    """One launch: update ``ema`` (and ``out``/``theta0`` for BEMA, the teachers if planned).
+    teacher_profile: int = 0,
+) -> Launch:
+    """The launch of :func:`averager_update` (what the compile check compiles): one EMA profile
+    (``c_ema``, ``c_theta`` are lists of one weight each; several are the C++ op's)."""
+    if len(c_ema) != 1:
+        raise NotImplementedError("several EMA profiles in the Triton kernel")
+    c_ema, c_theta = c_ema[0], c_theta[0]
+    is_bema = theta0 is not None
+    flats = (ema, theta0, out) if is_bema else (ema,)
+    return Launch(
+        _averager_kernel,
+        (plan.num_blocks,),
+        (
+            plan.param_ptrs,
+            plan.teacher_ptrs,
+            plan.tensor_start,
+            plan.tensor_numel,
+            plan.block_tensor,
+            plan.block_offset,
+            ema,
+            theta0 if is_bema else ema,
+            out if is_bema else ema,
+            flag,
+            c_ema,
+            c_theta,
+            alpha,
+        ),
+        dict(
+            PARAM_DTYPE=plan.param_dtype,
+            TEACHER_DTYPE=plan.teacher_dtype,
+            IS_BEMA=is_bema,
+            RESET=reset,
+            HAS_TEACHER=plan.has_teacher,
+            TEACHER_EMA=bool(teacher_ema and is_bema and plan.has_teacher),
+            ALIGNED=plan.aligned and all(x.data_ptr() % 16 == 0 for x in flats),
+            BLOCK=BLOCK,
+        ),
+        num_warps=4,
+    )
+
+
+def averager_update(plan: AveragerPlan, *args, **kwargs) -> None:
+    """One launch: update ``ema`` (and ``out``/``theta0`` for BEMA, the teachers if planned);
+    the arguments of :func:`averager_launch`.
 
     ``theta0`` and ``out`` are both given (BEMA) or both None (EMA). Scalars are host floats.
     ``teacher_ema``: a BEMA's teachers receive ``ema`` instead of the BEMA output.
     """
-    if plan.num_blocks == 0:
-        return
-    is_bema = theta0 is not None
-    _averager_kernel[(plan.num_blocks,)](
-        plan.param_ptrs,
-        plan.teacher_ptrs,
-        plan.tensor_start,
-        plan.tensor_numel,
-        plan.block_tensor,
-        plan.block_offset,
-        ema,
-        theta0 if is_bema else ema,
-        out if is_bema else ema,
-        flag,
-        c_ema,
-        c_theta,
-        alpha,
-        PARAM_DTYPE=plan.param_dtype,
-        TEACHER_DTYPE=plan.teacher_dtype,
-        IS_BEMA=is_bema,
-        RESET=reset,
-        HAS_TEACHER=plan.has_teacher,
-        TEACHER_EMA=bool(teacher_ema and is_bema and plan.has_teacher),
-        BLOCK=BLOCK,
-        num_warps=4,
-    )
+    if plan.num_blocks:
+        averager_launch(plan, *args, **kwargs)()

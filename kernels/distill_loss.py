@@ -24,38 +24,73 @@ Every arithmetic step is guarded so that -inf logits never form (-inf) - (-inf).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import Launch
+from ._online import _ce_grad, _div_grad, _fold, _jsd_terms, _lse_step, _shift
+
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
 NUM_STATS = 7  # m_a, ld_a, m_b, ld_b, m_s, ld_s, aux
 MAX_BLOCK_V = 4096
+# Pass 1 of the forward kernel with tl.range(num_stages=2) compiles to cp.async prefetches
+# (LDGSTS.128 through 16 KB of shared memory) in fewer registers; whether that beats plain 128-bit
+# loads is for a GPU to say: EMALORA_LOSS_STAGES=2 selects it (gpu_smoke.py times both).
+FWD_STAGES = int(os.environ.get("EMALORA_LOSS_STAGES", "1"))
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _shift(m):
-    """Online-LSE shift: the running max, or 0 while every entry seen is -inf."""
-    return tl.where(m == float("-inf"), 0.0, m)
+def _load_logits(s_row, t_row, cols, V, MASKED: tl.constexpr):
+    """fp32 student and teacher logits of one chunk; with MASKED, lanes past V are -inf."""
+    if MASKED:
+        in_v = cols < V
+        r = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
+        b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
+    else:
+        r = tl.load(s_row + cols).to(tl.float32)
+        b = tl.load(t_row + cols).to(tl.float32)
+    return r, b
 
 
 @triton.jit
-def _log1p(u):
-    """log(1 + u), u >= 0, keeping u's low bits: log(w) * u / (w - 1) with w = 1 + u rounded."""
-    w = 1.0 + u
-    d = w - 1.0
-    return tl.where(d == 0.0, u, tl.log(w) * (u / tl.where(d == 0.0, 1.0, d)))
+def _stats_chunk(
+    r, b, inv_t, m_a, m_b, m_r, d_a, d_b, d_r, acc,
+    DIVERGENCE: tl.constexpr, RAW_LSE: tl.constexpr,
+):  # fmt: skip
+    """Pass 1 over one chunk: the online (max, sum) pairs of a, b (and the raw s) and S or R."""
+    a = r * inv_t
+    b = b * inv_t
+    new_a, sh_a, e_a, c_a = _lse_step(a, m_a, 0)
+    new_b, sh_b, e_b, c_b = _lse_step(b, m_b, 0)
+    # Growth of the shifts: old S / R terms move by -(delta) / +(delta).
+    delta = ((sh_b - _shift(m_b)) - (sh_a - _shift(m_a))).to(tl.float64)
+    if DIVERGENCE == 0:
+        live = b > float("-inf")
+        diff = tl.where(live, b - sh_b, 0.0) - tl.where(live, a - sh_a, 0.0)
+        acc = (acc - delta * d_b) * c_b + tl.sum(e_b * diff, axis=0).to(tl.float64)
+    elif DIVERGENCE == 1:
+        live = a > float("-inf")
+        diff = tl.where(live, a - sh_a, 0.0) - tl.where(live, b - sh_b, 0.0)
+        acc = (acc + delta * d_a) * c_a + tl.sum(e_a * diff, axis=0).to(tl.float64)
+    d_a = _fold(d_a, c_a, e_a, 0)
+    d_b = _fold(d_b, c_b, e_b, 0)
+    if RAW_LSE:
+        m_r, _, e_r, c_r = _lse_step(r, m_r, 0)
+        d_r = _fold(d_r, c_r, e_r, 0)
+    return new_a, new_b, m_r, d_a, d_b, d_r, acc
 
 
 @triton.jit
-def _logaddexp(x, y):
-    """log(e^x + e^y); -inf when both are -inf, with no NaN formed on the way."""
-    mx = tl.maximum(x, y)
-    mn = tl.minimum(x, y)
-    return mx + _log1p(tl.exp(mn - _shift(mx)))
+def _jsd_chunk(r, b, inv_t, m_a, ld_a, m_b, ld_b, log_beta, log_1mbeta):
+    """Pass 2 of JSD over one chunk: its sums of p (log p - log M) and q (log q - log M)."""
+    t_pm, t_qm = _jsd_terms((r * inv_t - m_a) - ld_a, (b * inv_t - m_b) - ld_b, log_beta,
+                            log_1mbeta)  # fmt: skip
+    return tl.sum(t_pm, axis=0).to(tl.float64), tl.sum(t_qm, axis=0).to(tl.float64)
 
 
 @triton.jit
@@ -79,12 +114,19 @@ def _distill_loss_fwd_kernel(
     HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr,
     RAW_LSE: tl.constexpr,  # HAS_CE and T != 1: LSE of the raw student logits too
+    ROW_ALIGNED: tl.constexpr,  # host-checked 16-byte aligned rows: unmasked main loop, tail
     BLOCK_V: tl.constexpr,
+    STAGES: tl.constexpr,  # software pipelining of the pass-1 loads (1: none)
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_V)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
+    v_main = 0  # columns [0, v_main) in unmasked full chunks, the rest masked
+    if ROW_ALIGNED:
+        s_row = tl.multiple_of(s_row, 16)
+        t_row = tl.multiple_of(t_row, 16)
+        v_main = V - V % BLOCK_V
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         valid = label != ignore_index
@@ -101,40 +143,16 @@ def _distill_loss_fwd_kernel(
         d_b = tl.cast(0.0, tl.float64)
         d_r = tl.cast(0.0, tl.float64)
         acc = tl.cast(0.0, tl.float64)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            in_v = cols < V
-            r = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
-            b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32) * inv_t
-            a = r * inv_t
-            new_a = tl.maximum(m_a, tl.max(a, axis=0))
-            new_b = tl.maximum(m_b, tl.max(b, axis=0))
-            sh_a = _shift(new_a)
-            sh_b = _shift(new_b)
-            e_a = tl.exp(a - sh_a)
-            e_b = tl.exp(b - sh_b)
-            c_a = tl.exp(m_a - sh_a).to(tl.float64)
-            c_b = tl.exp(m_b - sh_b).to(tl.float64)
-            # Growth of the shifts: old S / R terms move by -(delta) / +(delta).
-            delta = ((sh_b - _shift(m_b)) - (sh_a - _shift(m_a))).to(tl.float64)
-            if DIVERGENCE == 0:
-                live = b > float("-inf")
-                diff = tl.where(live, b - sh_b, 0.0) - tl.where(live, a - sh_a, 0.0)
-                acc = (acc - delta * d_b) * c_b + tl.sum(e_b * diff, axis=0).to(tl.float64)
-            elif DIVERGENCE == 1:
-                live = a > float("-inf")
-                diff = tl.where(live, a - sh_a, 0.0) - tl.where(live, b - sh_b, 0.0)
-                acc = (acc + delta * d_a) * c_a + tl.sum(e_a * diff, axis=0).to(tl.float64)
-            d_a = d_a * c_a + tl.sum(e_a, axis=0).to(tl.float64)
-            d_b = d_b * c_b + tl.sum(e_b, axis=0).to(tl.float64)
-            if RAW_LSE:
-                new_r = tl.maximum(m_r, tl.max(r, axis=0))
-                sh_r = _shift(new_r)
-                c_r = tl.exp(m_r - sh_r).to(tl.float64)
-                d_r = d_r * c_r + tl.sum(tl.exp(r - sh_r), axis=0).to(tl.float64)
-                m_r = new_r
-            m_a = new_a
-            m_b = new_b
+        for start in tl.range(0, v_main, BLOCK_V, num_stages=STAGES):
+            r, b = _load_logits(s_row, t_row, tl.multiple_of(start, BLOCK_V) + offs, V, False)
+            m_a, m_b, m_r, d_a, d_b, d_r, acc = _stats_chunk(
+                r, b, inv_t, m_a, m_b, m_r, d_a, d_b, d_r, acc, DIVERGENCE, RAW_LSE
+            )
+        for start in tl.range(v_main, V, BLOCK_V, num_stages=STAGES):
+            r, b = _load_logits(s_row, t_row, start + offs, V, True)
+            m_a, m_b, m_r, d_a, d_b, d_r, acc = _stats_chunk(
+                r, b, inv_t, m_a, m_b, m_r, d_a, d_b, d_r, acc, DIVERGENCE, RAW_LSE
+            )
         ld_a64 = tl.log(d_a)
         ld_b64 = tl.log(d_b)
         ld_a = ld_a64.to(tl.float32)
@@ -153,22 +171,16 @@ def _distill_loss_fwd_kernel(
         else:
             kl_pm = tl.cast(0.0, tl.float64)
             kl_qm = tl.cast(0.0, tl.float64)
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                in_v = cols < V
-                r = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
-                b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
-                lq = (r * inv_t - m_a) - ld_a
-                lp = (b * inv_t - m_b) - ld_b
-                q = tl.exp(lq)
-                p = tl.exp(lp)
-                lm = _logaddexp(log_beta + lp, log_1mbeta + lq)
-                p_live = p > 0.0
-                q_live = q > 0.0
-                t_pm = p * (tl.where(p_live, lp, 0.0) - tl.where(p_live, lm, 0.0))
-                t_qm = q * (tl.where(q_live, lq, 0.0) - tl.where(q_live, lm, 0.0))
-                kl_pm += tl.sum(t_pm, axis=0).to(tl.float64)
-                kl_qm += tl.sum(t_qm, axis=0).to(tl.float64)
+            for start in range(0, v_main, BLOCK_V):
+                r, b = _load_logits(s_row, t_row, tl.multiple_of(start, BLOCK_V) + offs, V, False)
+                pm, qm = _jsd_chunk(r, b, inv_t, m_a, ld_a, m_b, ld_b, log_beta, log_1mbeta)
+                kl_pm += pm
+                kl_qm += qm
+            for start in range(v_main, V, BLOCK_V):
+                r, b = _load_logits(s_row, t_row, start + offs, V, True)
+                pm, qm = _jsd_chunk(r, b, inv_t, m_a, ld_a, m_b, ld_b, log_beta, log_1mbeta)
+                kl_pm += pm
+                kl_qm += qm
             div = (beta * kl_pm + (1.0 - beta) * kl_qm).to(tl.float32)
             aux = kl_qm.to(tl.float32)
         loss = div_scale * div
@@ -189,6 +201,26 @@ def _distill_loss_fwd_kernel(
         tl.store(loss_ptr + row, 0.0)
         k = tl.arange(0, 8)
         tl.store(stats_ptr + row * 7 + k, tl.zeros([8], dtype=tl.float32), mask=k < 7)
+
+
+@triton.jit
+def _grad_chunk(
+    g_row, r, b, cols, V, label, bad_label, inv_t, m_a, ld_a, m_b, ld_b, m_r, ld_r, aux,
+    div_coef, ce_coef, beta, log_beta, log_1mbeta,
+    DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """The gradient pass over one chunk: dL/ds, stored in the dtype of g."""
+    lq = (r * inv_t - m_a) - ld_a
+    lp = (b * inv_t - m_b) - ld_b
+    g = div_coef * _div_grad(lq, lp, aux, beta, log_beta, log_1mbeta, DIVERGENCE)
+    if HAS_CE:
+        g += ce_coef * _ce_grad(r, m_r, ld_r, cols == label)
+        g = tl.where(bad_label, float("nan"), g)
+    g = g.to(g_row.dtype.element_ty)
+    if MASKED:
+        tl.store(g_row + cols, g, mask=cols < V)
+    else:
+        tl.store(g_row + cols, g)
 
 
 @triton.jit
@@ -213,6 +245,7 @@ def _distill_loss_bwd_kernel(
     DIVERGENCE: tl.constexpr,
     HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr,
+    ROW_ALIGNED: tl.constexpr,  # host-checked 16-byte aligned rows: unmasked main loop, tail
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -220,6 +253,12 @@ def _distill_loss_bwd_kernel(
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
     g_row = g_ptr + row * g_stride
+    v_main = 0  # columns [0, v_main) in unmasked full chunks, the rest masked
+    if ROW_ALIGNED:
+        s_row = tl.multiple_of(s_row, 16)
+        t_row = tl.multiple_of(t_row, 16)
+        g_row = tl.multiple_of(g_row, 16)
+        v_main = V - V % BLOCK_V
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         valid = label != ignore_index
@@ -239,30 +278,20 @@ def _distill_loss_bwd_kernel(
         div_coef = go * div_scale * inv_t
         ce_coef = go * ce_scale
         bad_label = (label < 0) | (label >= V)
-        for start in range(0, V, BLOCK_V):
+        for start in range(0, v_main, BLOCK_V):
+            cols = tl.multiple_of(start, BLOCK_V) + offs
+            r, b = _load_logits(s_row, t_row, cols, V, False)
+            _grad_chunk(
+                g_row, r, b, cols, V, label, bad_label, inv_t, m_a, ld_a, m_b, ld_b, m_r, ld_r,
+                aux, div_coef, ce_coef, beta, log_beta, log_1mbeta, DIVERGENCE, HAS_CE, False,
+            )  # fmt: skip
+        for start in range(v_main, V, BLOCK_V):
             cols = start + offs
-            in_v = cols < V
-            r = tl.load(s_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
-            b = tl.load(t_row + cols, mask=in_v, other=float("-inf")).to(tl.float32)
-            lq = (r * inv_t - m_a) - ld_a
-            lp = (b * inv_t - m_b) - ld_b
-            q = tl.exp(lq)
-            if DIVERGENCE == 0:
-                gd = q - tl.exp(lp)
-            elif DIVERGENCE == 1:
-                live = q > 0.0
-                gd = q * ((tl.where(live, lq, 0.0) - tl.where(live, lp, 0.0)) - aux)
-            else:
-                lm = _logaddexp(log_beta + lp, log_1mbeta + lq)
-                live = q > 0.0
-                diff = tl.where(live, lq, 0.0) - tl.where(live, lm, 0.0)
-                gd = (1.0 - beta) * q * (diff - aux)
-            g = div_coef * gd
-            if HAS_CE:
-                onehot = tl.where(cols == label, 1.0, 0.0)
-                g += ce_coef * (tl.exp((r - m_r) - ld_r) - onehot)
-                g = tl.where(bad_label, float("nan"), g)
-            tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=in_v)
+            r, b = _load_logits(s_row, t_row, cols, V, True)
+            _grad_chunk(
+                g_row, r, b, cols, V, label, bad_label, inv_t, m_a, ld_a, m_b, ld_b, m_r, ld_r,
+                aux, div_coef, ce_coef, beta, log_beta, log_1mbeta, DIVERGENCE, HAS_CE, True,
+            )  # fmt: skip
     else:
         for start in range(0, V, BLOCK_V):
             cols = start + offs
@@ -297,6 +326,88 @@ def _mix_logs(beta: float) -> tuple[float, float]:
     return 0.0, 0.0
 
 
+def _row_aligned(*xs: torch.Tensor) -> bool:
+    """Every row of every tensor starts on 16 bytes (a host check: no sync)."""
+    return all(x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0 for x in xs)
+
+
+def _split_loop(vocab: int, *xs: torch.Tensor) -> bool:
+    """ROW_ALIGNED: the unmasked main loop pays where Triton cannot see the alignment itself,
+    rows on 16 bytes but V or a row stride not a multiple of 16 elements (e.g. V = 128264 in
+    bf16). With both multiples of 16 the masked loop is already 128-bit, in fewer registers."""
+    seen = vocab % 16 == 0 and all(x.stride(0) % 16 == 0 for x in xs)
+    return _row_aligned(*xs) and not seen
+
+
+def distill_loss_fwd_launch(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    loss: torch.Tensor,
+    stats: torch.Tensor,
+    divergence: int,
+    beta: float,
+    temperature: float,
+    div_scale: float,
+    ce_scale: float,
+    ignore_index: int,
+    stages: int | None = None,
+) -> Launch:
+    """The launch of :func:`distill_loss_fwd` into ``loss`` [N] and ``stats`` [N, 7]."""
+    n, vocab = student.shape
+    has_ce = labels is not None and ce_scale != 0.0
+    log_beta, log_1mbeta = _mix_logs(beta)
+    block, warps = _block_v(vocab)
+    args = (
+        student, teacher, labels if labels is not None else loss, loss, stats, student.stride(0),
+        teacher.stride(0), vocab, 1.0 / temperature, beta, log_beta, log_1mbeta, div_scale,
+        ce_scale, ignore_index,
+    )  # fmt: skip
+    flags = dict(
+        DIVERGENCE=divergence,
+        HAS_LABELS=labels is not None,
+        HAS_CE=has_ce,
+        RAW_LSE=has_ce and temperature != 1.0,
+        ROW_ALIGNED=_split_loop(vocab, student, teacher),
+        BLOCK_V=block,
+        STAGES=FWD_STAGES if stages is None else stages,
+    )
+    return Launch(_distill_loss_fwd_kernel, (n,), args, flags, num_warps=warps)
+
+
+def distill_loss_bwd_launch(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    stats: torch.Tensor,
+    grad_rows: torch.Tensor,
+    out: torch.Tensor,
+    divergence: int,
+    beta: float,
+    temperature: float,
+    div_scale: float,
+    ce_scale: float,
+    ignore_index: int,
+) -> Launch:
+    """The launch of :func:`distill_loss_bwd` into ``out`` [N, V]."""
+    n, vocab = student.shape
+    log_beta, log_1mbeta = _mix_logs(beta)
+    block, warps = _block_v(vocab)
+    args = (
+        student, teacher, labels if labels is not None else grad_rows, stats, grad_rows, out,
+        student.stride(0), teacher.stride(0), out.stride(0), vocab, 1.0 / temperature, beta,
+        log_beta, log_1mbeta, div_scale, ce_scale, ignore_index,
+    )  # fmt: skip
+    flags = dict(
+        DIVERGENCE=divergence,
+        HAS_LABELS=labels is not None,
+        HAS_CE=labels is not None and ce_scale != 0.0,
+        ROW_ALIGNED=_split_loop(vocab, student, teacher, out),
+        BLOCK_V=block,
+    )
+    return Launch(_distill_loss_bwd_kernel, (n,), args, flags, num_warps=warps)
+
+
 def distill_loss_fwd(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -310,37 +421,12 @@ def distill_loss_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss [N] and row statistics [N, 7] (fp32) of logits [N, V]; one launch."""
     _check(student, teacher, labels)
-    n, vocab = student.shape
+    n = student.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=student.device)
     stats = torch.empty(n, NUM_STATS, dtype=torch.float32, device=student.device)
-    if n == 0:
-        return loss, stats
-    has_ce = labels is not None and ce_scale != 0.0
-    log_beta, log_1mbeta = _mix_logs(beta)
-    block, warps = _block_v(vocab)
-    _distill_loss_fwd_kernel[(n,)](
-        student,
-        teacher,
-        labels if labels is not None else loss,
-        loss,
-        stats,
-        student.stride(0),
-        teacher.stride(0),
-        vocab,
-        1.0 / temperature,
-        beta,
-        log_beta,
-        log_1mbeta,
-        div_scale,
-        ce_scale,
-        ignore_index,
-        DIVERGENCE=divergence,
-        HAS_LABELS=labels is not None,
-        HAS_CE=has_ce,
-        RAW_LSE=has_ce and temperature != 1.0,
-        BLOCK_V=block,
-        num_warps=warps,
-    )
+    if n:
+        distill_loss_fwd_launch(student, teacher, labels, loss, stats, divergence, beta,
+                                temperature, div_scale, ce_scale, ignore_index)()  # fmt: skip
     return loss, stats
 
 
@@ -360,37 +446,11 @@ def distill_loss_bwd(
 ) -> torch.Tensor:
     """dL/ds [N, V] in the student dtype, into ``out`` (which may be ``student`` itself)."""
     _check(student, teacher, labels)
-    n, vocab = student.shape
     if out is None:
         out = torch.empty_like(student, memory_format=torch.contiguous_format)
     if out.shape != student.shape or out.dtype != student.dtype or out.stride(-1) != 1:
         raise ValueError("out must match the student logits' shape and dtype")
-    if n == 0:
-        return out
-    log_beta, log_1mbeta = _mix_logs(beta)
-    block, warps = _block_v(vocab)
-    _distill_loss_bwd_kernel[(n,)](
-        student,
-        teacher,
-        labels if labels is not None else grad_rows,
-        stats,
-        grad_rows,
-        out,
-        student.stride(0),
-        teacher.stride(0),
-        out.stride(0),
-        vocab,
-        1.0 / temperature,
-        beta,
-        log_beta,
-        log_1mbeta,
-        div_scale,
-        ce_scale,
-        ignore_index,
-        DIVERGENCE=divergence,
-        HAS_LABELS=labels is not None,
-        HAS_CE=labels is not None and ce_scale != 0.0,
-        BLOCK_V=block,
-        num_warps=warps,
-    )
+    if student.shape[0]:
+        distill_loss_bwd_launch(student, teacher, labels, stats, grad_rows, out, divergence, beta,
+                                temperature, div_scale, ce_scale, ignore_index)()  # fmt: skip
     return out

@@ -9,6 +9,19 @@ FP32_RTOL = 1e-5
 FP32_RTOL_LONG = 1e-4
 
 
+def backend_or_skip(backend: str) -> str:
+    """Skip unless the backend can run here (Triton installed, the C++ extension built)."""
+    import pytest
+
+    from emalora_fast import _dispatch
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    if backend == "cpp" and not _dispatch.cpp_available():
+        pytest.skip("emalora_fast._C is not built")
+    return backend
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (0/0 = 0)."""
     out, ref = out.double(), ref.double()

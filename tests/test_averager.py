@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import FP32_RTOL, Oracle, assert_close, one_ulp_bound, rounding_bound
+from helpers import FP32_RTOL, Oracle, assert_close, backend_or_skip, one_ulp_bound, rounding_bound
 from torch import nn
 
 from emalora_fast import BEMA, EMA, BackendUnavailableError
@@ -14,14 +14,6 @@ from emalora_fast import _dispatch as dispatch
 
 BACKENDS = ["cpp", "triton", "torch"]
 ALL = lambda name, p: True  # noqa: E731  (select every parameter of the toy modules)
-
-
-def backend_or_skip(backend: str) -> str:
-    if backend == "triton":
-        pytest.importorskip("triton")
-    if backend == "cpp" and not dispatch.cpp_available():
-        pytest.skip("emalora_fast._C is not built")
-    return backend
 
 
 class Bag(nn.Module):
@@ -480,3 +472,50 @@ def test_steps_must_increase():
     with pytest.raises(ValueError, match="does not follow"):
         avg.update(step=4)
     assert avg.step == 5
+
+
+@pytest.mark.parametrize("kind", ["ema", "bema"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_aligned_blocks_match_the_masked_path(kind, dtype):
+    """Aligned tensors take the unmasked full-block path; a non-finite element in a full block
+    and one in a tail block still keep their average and set the flag, and every value equals
+    that of the masked path (the plan forced unaligned) bit for bit, and the float64 formulas."""
+    backend_or_skip("triton")
+
+    sizes = [4096, 2048, 4100, 8]  # full blocks, a tail of 4, a tensor smaller than a block
+    results = []
+    for aligned in (True, False):
+        torch.manual_seed(1234)
+        model = Bag(sizes, dtype)
+        avg = make(kind, model, "triton", **OPTIONS[kind]["plain"])
+        teachers = [torch.empty(n, dtype=torch.bfloat16) for n in sizes]
+        g = avg._groups[0]
+        g.teachers = teachers
+        avg._prepare(g)
+        assert g.plan.aligned
+        g.plan.aligned = aligned
+        oracle = Oracle(kind, model.values(), **OPTIONS[kind]["plain"])
+        for t in range(1, 4):
+            model.perturb(0.1)
+            if t == 3:
+                with torch.no_grad():
+                    model.ps[0][1000] = math.nan  # inside a full block
+                    model.ps[2][4098] = math.inf  # inside the tail block
+            theta = model.values()
+            before = avg.averaged_state_dict(torch.float32)
+            for x in teachers:
+                x.fill_(math.nan)
+            avg.update()
+            oracle.step(t, theta)
+        after = avg.averaged_state_dict(torch.float32)
+        assert avg.nonfinite_detected()
+        assert after["ps.0"][1000] == before["ps.0"][1000]
+        assert after["ps.2"][4098] == before["ps.2"][4098]
+        for i, ref in enumerate(oracle.averaged):
+            keep = torch.isfinite(theta[i])
+            assert_close(after[f"ps.{i}"][keep], ref[keep], FP32_RTOL, f"tensor {i}")
+            assert not torch.isnan(teachers[i][keep]).any()
+        results.append([after[f"ps.{i}"] for i in range(len(sizes))] + teachers)
+    for fast, masked in zip(*results):
+        # The unwritten (poisoned) teacher elements are NaN in both.
+        assert torch.equal(fast.nan_to_num(7.0), masked.nan_to_num(7.0))

@@ -466,11 +466,40 @@ def test_triton_tilings(tiling, divergence, beta, monkeypatch):
     on every axis (N = 40, H = 33, V = 200), more splits than a program's tiles, one split."""
     kernels = pytest.importorskip("emalora_fast.kernels.fused_linear")
     block_n, block_v, block_k, splits = tiling
-    monkeypatch.setattr(kernels, "default_blocks", lambda device: (block_n, block_v, block_k))
-    monkeypatch.setattr(kernels, "_splits", lambda n_blocks, n_tiles, device: splits)
+    monkeypatch.setattr(kernels, "default_blocks", lambda *a: (block_n, block_v, block_k))
+    monkeypatch.setattr(kernels, "_splits", lambda *a: splits)
     p = make_problem(40, 33, 200)
     kw = dict(divergence=divergence, beta=beta, temperature=0.7, labels=make_labels((40,), 200))
     check(p, "triton", hard_label_weight=0.3, **kw)
+
+
+@pytest.mark.parametrize(("mode", "chunk"), [("atomic", None), ("gemm", 16)])
+@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES[:3], ids=DIV_IDS[:3])
+@pytest.mark.parametrize("head", ["shared", "separate"])
+def test_triton_backward_forms(mode, chunk, divergence, beta, head, monkeypatch):
+    """Both gradient forms against the reference: relaxed atomic adds in grouped program order
+    (more token blocks than a group), and g per row chunk then two GEMMs (three chunks of 16
+    rows, the last one partial, grad_W accumulated over them)."""
+    kernels = pytest.importorskip("emalora_fast.kernels.fused_linear")
+    monkeypatch.setenv("EMALORA_FUSED_LINEAR_BACKWARD", mode)
+    monkeypatch.setattr(kernels, "GROUP_N", 2)
+    calls = []
+    for name in ("fused_linear_bwd_launch", "fused_linear_grad_launch"):
+        real = getattr(kernels, name)
+
+        def counting(*a, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(kernels, name, counting)
+    if chunk:
+        monkeypatch.setattr(kernels, "_chunk_rows", lambda *a: chunk)
+    p = make_problem(40, 33, 200, head=head)
+    kw = dict(divergence=divergence, beta=beta, temperature=0.7, labels=make_labels((40,), 200))
+    check(p, "triton", hard_label_weight=0.3, softcap=5.0, **kw)
+    # One backward per check (ours; the materialized run uses the logits loss).
+    want = ["fused_linear_bwd_launch"] if mode == "atomic" else ["fused_linear_grad_launch"] * 3
+    assert calls == want
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -487,7 +516,7 @@ def test_poisoned_buffers_are_overwritten(backend, divergence, beta, monkeypatch
     if backend == "triton":
         kernels = pytest.importorskip("emalora_fast.kernels.fused_linear")
         monkeypatch.setattr(kernels, "_new_empty", poisoned)
-        monkeypatch.setattr(kernels, "_splits", lambda n_blocks, n_tiles, device: 2)
+        monkeypatch.setattr(kernels, "_splits", lambda *a: 2)
     p = make_problem(18, 16, 100)
     kw = dict(divergence=divergence, beta=beta, labels=make_labels((18,), 100), softcap=4.0)
     check(p, backend, go_shape=(18,), reduction="none", hard_label_weight=0.5, **kw)

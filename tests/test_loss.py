@@ -244,6 +244,41 @@ def test_matches_reference(backend, divergence, beta, temperature, n, v):
         assert_identical_distributions(s, t, backend, **kw)
 
 
+@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES[:3], ids=DIV_IDS[:3])
+@pytest.mark.parametrize(("n", "v"), [(3, 4100), (2, 8200)])
+def test_triton_aligned_rows_main_loop_and_tail(divergence, beta, n, v):
+    """Rows on 16 bytes take the unmasked main loop over full chunks plus a masked tail: the
+    values match the reference, and equal bit for bit those of the masked loop (the same logits
+    in a wider buffer, whose rows are not aligned)."""
+    _backend_ready("triton")
+    from emalora_fast.kernels import distill_loss as kernels
+
+    s, t = _logits(n, v)
+    labels = _labels((n,), v)
+    kw = dict(divergence=divergence, beta=beta, temperature=2.0, labels=labels,
+              hard_label_weight=0.2)  # fmt: skip
+    loss = torch.empty(n)
+    stats = torch.empty(n, 7)
+    launch = kernels.distill_loss_fwd_launch(s, t, labels, loss, stats, 0, beta, 2.0, 1.0, 0.2,
+                                             -100)  # fmt: skip
+    assert launch.constexprs["ROW_ALIGNED"] and launch.constexprs["BLOCK_V"] < v
+    check_against_reference(s, t, "triton", **kw)
+    wide_s, wide_t = torch.empty(n, v + 1), torch.empty(n, v + 1)
+    wide_s[:, :v], wide_t[:, :v] = s, t
+    s2, t2 = wide_s[:, :v], wide_t[:, :v]
+    assert not kernels._row_aligned(s2, t2)
+    code = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}[divergence]
+    args = (code, beta, 2.0, 1.0, 0.2, -100)
+    results = []
+    rows = torch.randn(n)
+    for x, y in ((s, t), (s2, t2)):
+        loss, stats = kernels.distill_loss_fwd(x, y, labels, *args)
+        g = kernels.distill_loss_bwd(x, y, labels, stats, rows, *args)
+        results.append((loss, stats, g))
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
 def assert_identical_distributions(s, t, backend, temperature=1.0, **kw):
     """p = q (e.g. V = 1): the loss and gradient are 0 up to fp32 rounding of the logits' size
     (the loss is formed as a difference of log-sum-exps)."""

@@ -102,3 +102,38 @@ def cases(
     if kind == "ema":
         providers["averaged_model"] = _averaged_model(params, device)
     return providers, sum(p.numel() for p in params)
+
+
+def profile_floor_bytes(k: int) -> int:
+    """Bytes per fp32 element of one update of K EMA profiles: theta once, each shadow read
+    and written."""
+    return 4 + 8 * k
+
+
+def profile_cases(
+    k: int, model: str, device: torch.device, layers: int | None = None, backend: str = "auto"
+) -> tuple[dict[str, Callable[[], object]], int]:
+    """K EMA profiles of a LoRA tensor set: one launch for all (ours), K separate averagers,
+    and K torch foreach lerps."""
+    shapes = lora_shapes(model, layers=layers)
+    live = TensorSet(shapes, device)
+    params = list(live.ps)
+    decays = tuple(1 - 10 ** -(1 + i / 2) for i in range(k))  # 0.9, 0.968, 0.99, ...
+    every = lambda n, p: True  # noqa: E731
+    ours = EMA(live, decays if k > 1 else decays[0], param_filter=every, backend=backend)
+    separate = [EMA(live, d, param_filter=every, backend=backend) for d in decays]
+    shadows = [[p.detach().clone() for p in params] for _ in decays]
+
+    def k_averagers():
+        for a in separate:
+            a.update()
+
+    @torch.no_grad()
+    def k_foreach():
+        for s, d in zip(shadows, decays, strict=True):
+            torch._foreach_lerp_(s, params, 1 - d)
+
+    ours.update()  # past the first step's copy
+    k_averagers()
+    providers = {"emalora": ours.update, "k_averagers": k_averagers, "k_foreach": k_foreach}
+    return providers, sum(p.numel() for p in params)

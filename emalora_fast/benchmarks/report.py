@@ -78,6 +78,33 @@ def _metadata(device: torch.device) -> dict:
     }
 
 
+def _bandwidth_rows(
+    bench: str,
+    case: str,
+    providers: dict,
+    numel: int,
+    floor_bytes: int,
+    baseline: str,
+    device: torch.device,
+    reps: int,
+) -> list[Row]:
+    """One row per provider and one for the copy of the same bytes, timed side by side: the
+    floor bytes per element over each time, as a fraction of the copy's bandwidth."""
+    copy_t = measure(copy_case(numel, device), device, reps=reps)
+    copy_gbps = 8 * numel / copy_t / 1e9
+    times = {p: measure(fn, device, reps=reps) for p, fn in providers.items()}
+    best_alt = min(t for p, t in times.items() if p != "emalora")
+    rows = []
+    for p, t in times.items():
+        gbps = floor_bytes * numel / t / 1e9
+        row = Row(bench, case, p, t * 1e3, gbps, gbps / copy_gbps)
+        if p == "emalora":
+            row.speedup, row.baseline = best_alt / t, baseline
+        rows.append(row)
+    rows.append(Row(bench, case, "copy", copy_t * 1e3, copy_gbps, 1.0))
+    return rows
+
+
 def bench_averager(device: torch.device, quick: bool) -> list[Row]:
     rows = []
     if device.type == "cuda":
@@ -89,23 +116,32 @@ def bench_averager(device: torch.device, quick: bool) -> list[Row]:
         case = model + (f"[{layers} layers]" if layers else "")
         for kind in ("ema", "bema"):
             providers, numel = averager_cases.cases(kind, model, device, layers=layers)
-            copy_t = measure(copy_case(numel, device), device, reps=reps)
-            copy_gbps = 8 * numel / copy_t / 1e9
-            floor = averager_cases.FLOOR_BYTES[kind] * numel
-            times = {p: measure(fn, device, reps=reps) for p, fn in providers.items()}
-            best_alt = min(t for p, t in times.items() if p != "emalora")
-            for p, t in times.items():
-                gbps = floor / t / 1e9
-                row = Row(f"averager-{kind}", case, p, t * 1e3, gbps, gbps / copy_gbps)
-                if p == "emalora":
-                    row.speedup, row.baseline = best_alt / t, "best torch form"
-                    row.goal_ratio = gbps / copy_gbps / GOAL_COPY_FRACTION[device.type]
-                    if kind == "bema":
-                        row.goal_ratio = min(
-                            row.goal_ratio, row.speedup / GOAL_SPEEDUP_BEMA[device.type]
-                        )
-                rows.append(row)
-            rows.append(Row(f"averager-{kind}", case, "copy", copy_t * 1e3, copy_gbps, 1.0))
+            floor = averager_cases.FLOOR_BYTES[kind]
+            new = _bandwidth_rows(
+                f"averager-{kind}", case, providers, numel, floor, "best torch form", device, reps
+            )
+            ours = new[list(providers).index("emalora")]
+            ours.goal_ratio = ours.copy_fraction / GOAL_COPY_FRACTION[device.type]
+            if kind == "bema":
+                ours.goal_ratio = min(
+                    ours.goal_ratio, ours.speedup / GOAL_SPEEDUP_BEMA[device.type]
+                )
+            rows += new
+    return rows
+
+
+def bench_profiles(device: torch.device, quick: bool) -> list[Row]:
+    """K EMA profiles in one launch vs K separate updates; bytes per element 4 + 8K."""
+    rows = []
+    model, layers = ("llama3-8b", None) if device.type == "cuda" else ("llama3-8b", 8)
+    case = model + (f"[{layers} layers]" if layers else "")
+    for k in (1, 3, 8):
+        providers, numel = averager_cases.profile_cases(k, model, device, layers=layers)
+        floor = averager_cases.profile_floor_bytes(k)
+        rows += _bandwidth_rows(
+            f"profiles-k{k}", case, providers, numel, floor, "best of K separate updates",
+            device, 5 if quick else 20,
+        )  # fmt: skip
     return rows
 
 
@@ -271,7 +307,8 @@ def run_bench(
     meta = _metadata(dev)
     print(f"emalora-fast bench on {meta['device']} ({dev.type}), torch {meta['torch']}, "
           f"triton {meta['triton']}, {meta['threads']} threads")  # fmt: skip
-    rows = bench_averager(dev, quick) + bench_loss(dev, quick) + bench_fused_linear(dev, quick)
+    rows = bench_averager(dev, quick) + bench_profiles(dev, quick)
+    rows += bench_loss(dev, quick) + bench_fused_linear(dev, quick)
     print_table(rows)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "bench.csv"), "w", newline="") as f:
@@ -281,8 +318,8 @@ def run_bench(
     with open(os.path.join(output_dir, "bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
 
-    def family(r: Row) -> str:  # averager-ema and averager-bema share one plot
-        return "averager" if r.bench.startswith("averager") else r.bench
+    def family(r: Row) -> str:  # averager-ema/-bema share one plot, profiles-k1/-k3/-k8 one
+        return r.bench.split("-")[0] if r.bench.startswith(("averager", "profiles")) else r.bench
 
     for bench in sorted({family(r) for r in rows}):
         picked = [r for r in rows if family(r) == bench]
