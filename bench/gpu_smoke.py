@@ -33,20 +33,28 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def averager(kind: str, dtype: torch.dtype) -> str:
-    """Triton against the torch backend (the reference formulas) on the same weights."""
+def averager(kind: str, dtype: torch.dtype, profiles: int = 1) -> str:
+    """Triton against the torch backend (the reference formulas) on the same weights; an EMA
+    with several profiles compares every profile."""
     results = []
+    decays = tuple(1 - 0.5**k for k in range(1, profiles + 1)) if profiles > 1 else 0.999
     for backend in ("triton", "torch"):
         torch.manual_seed(0)
         model = TensorSet(lora_shapes("llama3-8b", layers=4), DEV, dtype)
-        avg = (BEMA if kind == "bema" else EMA)(model, param_filter=ALL, backend=backend)
+        if kind == "bema":
+            avg = BEMA(model, param_filter=ALL, backend=backend)
+        else:
+            avg = EMA(model, decay=decays, param_filter=ALL, backend=backend)
         for _ in range(5):
             with torch.no_grad():
                 for p in model.ps:
                     p.add_(torch.randn_like(p) * 0.01)
             avg.update()
-        state = avg.averaged_state_dict(torch.float32)
-        results.append(torch.cat([v.flatten() for v in state.values()]))
+        parts = []
+        for k in range(profiles):
+            state = avg.averaged_state_dict(torch.float32, profile=k)
+            parts += [v.flatten() for v in state.values()]
+        results.append(torch.cat(parts))
     err = rel(*results)
     assert err <= 1e-5 and torch.isfinite(results[0]).all(), f"rel err {err:.2e}"
     return f"rel err {err:.1e}"
@@ -156,6 +164,7 @@ def loss_pipelining_timing() -> str:
 STEPS = [
     ("averager bema bf16", lambda: averager("bema", torch.bfloat16)),
     ("averager ema fp32", lambda: averager("ema", torch.float32)),
+    ("averager ema 8 profiles bf16", lambda: averager("ema", torch.bfloat16, profiles=8)),
     ("loss fkl V=128256", lambda: loss("forward_kl", 128256)),
     ("loss jsd V=128264", lambda: loss("jsd", 128264)),
     ("loss rkl V=32001", lambda: loss("reverse_kl", 32001)),

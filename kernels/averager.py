@@ -24,50 +24,100 @@ _TL_DTYPES = {
 }
 
 
+MAX_PROFILES = 8  # EMA profiles one launch updates (their weights are scalar arguments)
+
+
+@triton.jit
+def _pick(k: tl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7):
+    """The k-th of eight scalars, k known at compile time."""
+    if k == 0:
+        x = x0
+    elif k == 1:
+        x = x1
+    elif k == 2:
+        x = x2
+    elif k == 3:
+        x = x3
+    elif k == 4:
+        x = x4
+    elif k == 5:
+        x = x5
+    elif k == 6:
+        x = x6
+    else:
+        x = x7
+    return x
+
+
 @triton.jit
 def _average_block(
     theta,  # [BLOCK] fp32 theta of this block
-    ema_at,  # [BLOCK] pointers into the fp32 shadow
+    ema_at,  # [BLOCK] pointers into profile 0 of the fp32 shadows; profile k is k * stride on
+    stride,  # elements between two profiles' shadows (P)
     theta0_at,  # [BLOCK] pointers into theta_0 (BEMA only)
     out_at,  # [BLOCK] pointers into the BEMA output (BEMA only)
     teacher_at,  # [BLOCK] pointers into the teacher tensor (HAS_TEACHER only)
     mask,  # [BLOCK] elements to update, or None for all of them
-    c_ema,
-    c_theta,
+    e0,
+    e1,
+    e2,
+    e3,
+    e4,
+    e5,
+    e6,
+    e7,  # per profile, weight of the old shadow
+    w0,
+    w1,
+    w2,
+    w3,
+    w4,
+    w5,
+    w6,
+    w7,  # per profile, weight of theta
     alpha,
     TEACHER_DTYPE: tl.constexpr,
     IS_BEMA: tl.constexpr,
     RESET: tl.constexpr,
     HAS_TEACHER: tl.constexpr,
     TEACHER_EMA: tl.constexpr,
+    PROFILES: tl.constexpr,
+    TEACHER_PROFILE: tl.constexpr,
 ):
-    """The update of one block; ``mask`` None gives unmasked (vectorizable) accesses."""
-    if RESET:
-        ema = theta
-        tl.store(ema_at, ema, mask=mask)
-        if IS_BEMA:
+    """The update of one block for every profile, theta read once; ``mask`` None gives
+    unmasked (vectorizable) accesses."""
+    ema0 = theta
+    avg = theta
+    for k in tl.static_range(PROFILES):
+        at = ema_at + k * stride
+        if RESET:
+            ema = theta
+        else:
+            if mask is None:
+                ema = tl.load(at)
+            else:
+                ema = tl.load(at, mask=mask, other=0.0)
+            c_ema = _pick(k, e0, e1, e2, e3, e4, e5, e6, e7)
+            c_theta = _pick(k, w0, w1, w2, w3, w4, w5, w6, w7)
+            ema = c_ema * ema + c_theta * theta
+        tl.store(at, ema, mask=mask)
+        if k == 0:
+            ema0 = ema
+        if k == TEACHER_PROFILE:
+            avg = ema
+    if IS_BEMA:  # one profile
+        if RESET:
             tl.store(theta0_at, theta, mask=mask)
             tl.store(out_at, theta, mask=mask)
-        avg = theta
-    else:
-        if mask is None:
-            ema = tl.load(ema_at)
         else:
-            ema = tl.load(ema_at, mask=mask, other=0.0)
-        ema = c_ema * ema + c_theta * theta
-        tl.store(ema_at, ema, mask=mask)
-        if IS_BEMA:
             if mask is None:
                 theta0 = tl.load(theta0_at)
             else:
                 theta0 = tl.load(theta0_at, mask=mask, other=0.0)
-            avg = ema + alpha * (theta - theta0)
-            tl.store(out_at, avg, mask=mask)
-        else:
-            avg = ema
+            bema = ema0 + alpha * (theta - theta0)
+            tl.store(out_at, bema, mask=mask)
+            if not TEACHER_EMA:
+                avg = bema
     if HAS_TEACHER:
-        if TEACHER_EMA:
-            avg = ema
         tl.store(teacher_at, avg.to(TEACHER_DTYPE), mask=mask)
 
 
@@ -79,12 +129,27 @@ def _averager_kernel(
     tensor_numel,  # [T] int64 element count of each tensor
     block_tensor,  # [B] int32 tensor index of each program
     block_offset,  # [B] int64 first element of each program inside its tensor
-    ema_ptr,  # [P] fp32 shadow (EMA of theta)
+    ema_ptr,  # [K, P] fp32 shadows (EMAs of theta), one row per profile
     theta0_ptr,  # [P] fp32 theta_0 (BEMA only)
     out_ptr,  # [P] fp32 BEMA output (BEMA only)
     flag_ptr,  # [1] int32 set to 1 when a theta element is not finite
-    c_ema,  # fp32 weight of the old shadow
-    c_theta,  # fp32 weight of theta
+    stride,  # P, elements of one profile
+    e0,
+    e1,
+    e2,
+    e3,
+    e4,
+    e5,
+    e6,
+    e7,  # fp32 per profile: weight of the old shadow (K used)
+    w0,
+    w1,
+    w2,
+    w3,
+    w4,
+    w5,
+    w6,
+    w7,  # fp32 per profile: weight of theta
     alpha,  # fp32 BEMA bias-correction weight
     PARAM_DTYPE: tl.constexpr,
     TEACHER_DTYPE: tl.constexpr,
@@ -92,7 +157,9 @@ def _averager_kernel(
     RESET: tl.constexpr,
     HAS_TEACHER: tl.constexpr,
     TEACHER_EMA: tl.constexpr,  # BEMA: the teacher receives ema instead of the BEMA output
-    ALIGNED: tl.constexpr,  # host-checked: 16-byte aligned tensors, tensor starts % 4 == 0
+    PROFILES: tl.constexpr,  # K EMA profiles (BEMA: 1)
+    TEACHER_PROFILE: tl.constexpr,  # the profile the teacher receives
+    ALIGNED: tl.constexpr,  # host-checked: 16-byte aligned tensors, starts and P % 4 == 0
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -110,6 +177,7 @@ def _averager_kernel(
         teacher_base = tl.multiple_of(teacher_base, 16)
         first = tl.multiple_of(first, BLOCK)
         flat = tl.multiple_of(flat, 4)
+        stride = tl.multiple_of(stride, 4)
     offs = tl.arange(0, BLOCK)
     theta_at = theta_base + first + offs
     ema_at = ema_ptr + flat + offs
@@ -131,15 +199,17 @@ def _averager_kernel(
         fast = full & (bad == 0)
     if fast:
         _average_block(
-            theta, ema_at, theta0_at, out_at, teacher_at, None, c_ema, c_theta, alpha,
-            TEACHER_DTYPE, IS_BEMA, RESET, HAS_TEACHER, TEACHER_EMA,
+            theta, ema_at, stride, theta0_at, out_at, teacher_at, None,
+            e0, e1, e2, e3, e4, e5, e6, e7, w0, w1, w2, w3, w4, w5, w6, w7, alpha,
+            TEACHER_DTYPE, IS_BEMA, RESET, HAS_TEACHER, TEACHER_EMA, PROFILES, TEACHER_PROFILE,
         )  # fmt: skip
     else:
         # A tail block, or a non-finite theta: those elements keep their average; flag it.
         tl.store(flag_ptr, bad, mask=bad > 0)
         _average_block(
-            theta, ema_at, theta0_at, out_at, teacher_at, in_bounds & finite, c_ema, c_theta,
-            alpha, TEACHER_DTYPE, IS_BEMA, RESET, HAS_TEACHER, TEACHER_EMA,
+            theta, ema_at, stride, theta0_at, out_at, teacher_at, in_bounds & finite,
+            e0, e1, e2, e3, e4, e5, e6, e7, w0, w1, w2, w3, w4, w5, w6, w7, alpha,
+            TEACHER_DTYPE, IS_BEMA, RESET, HAS_TEACHER, TEACHER_EMA, PROFILES, TEACHER_PROFILE,
         )  # fmt: skip
 
 
@@ -200,13 +270,23 @@ def averager_launch(
     teacher_ema: bool = False,
     teacher_profile: int = 0,
 ) -> Launch:
-    """The launch of :func:`averager_update` (what the compile check compiles): one EMA profile
-    (``c_ema``, ``c_theta`` are lists of one weight each; several are the C++ op's)."""
-    if len(c_ema) != 1:
-        raise NotImplementedError("several EMA profiles in the Triton kernel")
-    c_ema, c_theta = c_ema[0], c_theta[0]
+    """The launch of :func:`averager_update` (what the compile check compiles).
+
+    ``ema`` is [K, P] (or [P]) for the K profiles whose weights ``c_ema``/``c_theta`` list.
+    """
+    profiles = len(c_ema)
+    if not 1 <= profiles <= MAX_PROFILES or len(c_theta) != profiles:
+        raise ValueError(f"1 to {MAX_PROFILES} profiles, one c_ema and c_theta each")
+    if ema.numel() != profiles * plan.numel:
+        raise ValueError(f"ema holds {ema.numel()} elements, not {profiles} x {plan.numel}")
+    if not 0 <= teacher_profile < profiles:
+        raise ValueError(f"teacher_profile {teacher_profile} is not one of {profiles} profiles")
     is_bema = theta0 is not None
+    if is_bema and profiles != 1:
+        raise ValueError("BEMA has one profile")
+    pad = [0.0] * (MAX_PROFILES - profiles)
     flats = (ema, theta0, out) if is_bema else (ema,)
+    aligned = plan.aligned and all(x.data_ptr() % 16 == 0 for x in flats)
     return Launch(
         _averager_kernel,
         (plan.num_blocks,),
@@ -221,8 +301,11 @@ def averager_launch(
             theta0 if is_bema else ema,
             out if is_bema else ema,
             flag,
-            c_ema,
-            c_theta,
+            plan.numel,
+            *[float(c) for c in c_ema],
+            *pad,
+            *[float(c) for c in c_theta],
+            *pad,
             alpha,
         ),
         dict(
@@ -232,7 +315,9 @@ def averager_launch(
             RESET=reset,
             HAS_TEACHER=plan.has_teacher,
             TEACHER_EMA=bool(teacher_ema and is_bema and plan.has_teacher),
-            ALIGNED=plan.aligned and all(x.data_ptr() % 16 == 0 for x in flats),
+            PROFILES=profiles,
+            TEACHER_PROFILE=teacher_profile if plan.has_teacher else 0,
+            ALIGNED=aligned and (profiles == 1 or plan.numel % 4 == 0),
             BLOCK=BLOCK,
         ),
         num_warps=4,

@@ -117,7 +117,15 @@ AVERAGER_SPACE = {
     "reset": [False, True],
     "aligned": [True, False],
     "teacher_ema": [False, True],  # BEMA: the teachers receive the ema part
+    "profiles": [1, 3, 8],  # EMA profiles in one launch (BEMA: 1)
+    "teacher_profile": [0, 2],  # the profile the teachers receive
 }
+
+
+def _averager_valid(p: dict) -> bool:
+    if p["kind"] == "bema" and p["profiles"] != 1:
+        return False
+    return p["teacher_profile"] < p["profiles"]
 
 
 def _averager_case(p: dict) -> Case:
@@ -127,19 +135,21 @@ def _averager_case(p: dict) -> Case:
         tdt = p["dtype"] if p["teacher"] == "same" else p["teacher"]
         teachers = [_meta(*s, dtype=tdt) for s in shapes] if tdt is not None else None
         plan = averager.AveragerPlan(params, teachers)
-        ema = _meta(plan.numel)
+        k = p["profiles"]
+        ema = _meta(k, plan.numel)
         bema = p["kind"] == "bema"
         flag = _meta(1, dtype=torch.int32)
         extra = _launcher_kwargs(averager.averager_launch, p)  # reset, and any new switch
         return averager.averager_launch(plan, ema, _meta(plan.numel) if bema else None,
-                                        _meta(plan.numel) if bema else None, flag, [0.9], [0.1],
-                                        0.3, **extra)  # fmt: skip
+                                        _meta(plan.numel) if bema else None, flag, [0.9] * k,
+                                        [0.1] * k, 0.3, **extra)  # fmt: skip
 
     per_thread = averager.BLOCK // (32 * 4)
     size = {BF16: 2, FP16: 2, FP32: 4, FP64: 8}
-    loads = size[p["dtype"]] + (0 if p["reset"] else 4 * (1 + (p["kind"] == "bema")))
+    k = p["profiles"]
+    loads = size[p["dtype"]] + (0 if p["reset"] else 4 * (k + (p["kind"] == "bema")))
     tdt = p["dtype"] if p["teacher"] == "same" else p["teacher"]
-    stores = 4 + (8 if p["kind"] == "bema" and p["reset"] else 4 * (p["kind"] == "bema"))
+    stores = 4 * k + (8 if p["kind"] == "bema" and p["reset"] else 4 * (p["kind"] == "bema"))
     stores += size[tdt] if tdt is not None else 0
     tags = ("vec",) * p["aligned"]
     return Case(f"averager[{_label(p)}]", "_averager_kernel", build, tags,
@@ -147,7 +157,7 @@ def _averager_case(p: dict) -> Case:
 
 
 def averager_cases() -> Iterator[Case]:
-    for p in cover(AVERAGER_SPACE, full=("kind", "reset", "aligned")):
+    for p in cover(AVERAGER_SPACE, full=("kind", "reset", "aligned"), valid=_averager_valid):
         yield _averager_case(p)
 
 

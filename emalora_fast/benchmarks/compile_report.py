@@ -83,6 +83,8 @@ def models() -> list[Model]:
         Model("averager BEMA, fp32 theta + fp32 teacher", LORA_ELEMENTS * 24, 0, 0,
               "the project's goal counts 20 B/element without the teacher"),
         Model("averager EMA, bf16 theta", LORA_ELEMENTS * (2 + 4 + 4), 0, 0),
+        Model("averager EMA, 8 profiles, bf16 theta", LORA_ELEMENTS * (2 + 8 * 8), 0, 0,
+              "theta read once; each shadow read and written"),
         Model("loss fwd (KL), bf16 [N, V]", nv * 4, 0, nv * 3,
               "s and t read once; 2-3 exp per entry"),
         Model("loss fwd (JSD), bf16 [N, V]", nv * 8, 0, nv * 7, "a second pass for KL(.||M)"),
