@@ -80,6 +80,9 @@ class Config:
     plain_averager: Literal["bema", "ema"] = "bema"  # what a run without teacher averages
     bema_update_after: int | None = None  # None: a quarter of the steps (the paper's burn-in)
     averager_options: dict[str, Any] = field(default_factory=dict)  # extra EMA/BEMA keywords
+    # Post-hoc EMA alongside (any variant; it changes no training): power-function profiles of
+    # widths 0.05 and 0.28 snapshotted every eval_every steps, these widths rebuilt at the end.
+    posthoc_sigma_rels: list[float] = field(default_factory=list)
     distiller_options: dict[str, Any] = field(default_factory=dict)  # extra SelfDistiller ones
     device: str = "cpu"
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
@@ -126,6 +129,11 @@ class Config:
             raise ExperimentError("--plain-averager must be bema or ema")
         if self.divergence not in ("forward_kl", "reverse_kl", "jsd"):
             raise ExperimentError("--divergence must be forward_kl, reverse_kl or jsd")
+        top = 0.2887  # the widest power-function profile (gamma = 0)
+        if not isinstance(self.posthoc_sigma_rels, list) or not all(
+            isinstance(x, (int, float)) and 0 < x <= top for x in self.posthoc_sigma_rels
+        ):
+            raise ExperimentError(f"posthoc_sigma_rels must be a list of widths in (0, {top}]")
         for name in ("averager_options", "distiller_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ExperimentError(f"{name} must be a mapping of keyword arguments")
@@ -383,7 +391,9 @@ class LoraRun:
     there), else None.
     """
 
-    def __init__(self, cfg: Config, variant: str, base, data: Data) -> None:
+    def __init__(
+        self, cfg: Config, variant: str, base, data: Data, workdir: str | None = None
+    ) -> None:
         self.cfg, self.variant, self.data = cfg, variant, data
         teacher = VARIANTS[variant]
         torch.manual_seed(cfg.seed)
@@ -395,6 +405,18 @@ class LoraRun:
         else:  # by default the plain run keeps a BEMA of its weights (`+bema-weights` curve)
             opts.setdefault("update_after", cfg.bema_update_after)
             self.avg = BEMA(model, **opts)
+        self.posthoc = None
+        if cfg.posthoc_sigma_rels:
+            if workdir is None:
+                raise ExperimentError("posthoc_sigma_rels needs a run folder for the snapshots")
+            from .posthoc import PostHocEMA
+
+            self.posthoc = PostHocEMA(
+                model,
+                (0.05, 0.28),
+                snapshot_every=cfg.eval_every,
+                snapshot_dir=os.path.join(workdir, "posthoc-snapshots"),
+            )
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
         self.distiller = None
@@ -430,6 +452,7 @@ class LoraRun:
             },
             "optimizer": self.opt.state_dict(),
             "averager": self.avg.state_dict(),
+            "posthoc": self.posthoc.state_dict() if self.posthoc is not None else None,
             "data_rng": self.batches.gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "curve": self.curve,
@@ -439,6 +462,8 @@ class LoraRun:
         self.model.load_state_dict(state["lora"], strict=False)
         self.opt.load_state_dict(state["optimizer"])
         self.avg.load_state_dict(state["averager"])
+        if self.posthoc is not None:
+            self.posthoc.load_state_dict(state["posthoc"])
         self.batches.gen.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.curve, self.step = state["curve"], state["step"]
@@ -467,6 +492,8 @@ class LoraRun:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.avg.update(step=self.step)
+        if self.posthoc is not None:
+            self.posthoc.update(step=self.step)
         self.last_loss = loss.item()
         return self.last_loss
 
@@ -506,4 +533,18 @@ class LoraRun:
             t_last = now
             if stop is not None and stop() and not self.done:
                 raise Interrupted(f"{self.variant} at step {self.step}")
+        if self.posthoc is not None and "posthoc" not in self.curve:
+            self.curve["posthoc"] = self.posthoc_losses()
         return self.curve
+
+    def posthoc_losses(self) -> dict[str, dict[str, float]]:
+        """Held-out losses of the post-hoc averages rebuilt for each configured width, at the
+        last step: ``{sigma_rel: {split: loss}}``."""
+        out = {}
+        for sigma in self.cfg.posthoc_sigma_rels:
+            with self.posthoc.swapped(sigma_rel=float(sigma)):
+                out[f"{sigma:g}"] = {
+                    split: held_out_loss(self.model, windows)
+                    for split, windows in self.data.splits.items()
+                }
+        return out

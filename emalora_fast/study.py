@@ -50,7 +50,7 @@ SHARED = ("model", "dataset", "pretrain_steps", "base_seed", "seq_len", "eval_wi
 NOT_SETTINGS = ("output_dir", "run_name", "quick", "variants")
 # Settings added after results were first kept: left out of a run's key while they hold their
 # default (which reproduces the earlier behaviour), so that earlier results stay valid.
-LATER_SETTINGS = {"plain_averager": "bema"}
+LATER_SETTINGS = {"plain_averager": "bema", "posthoc_sigma_rels": []}
 
 
 @dataclass
@@ -69,6 +69,8 @@ class StudySpec:
         grid: label -> Config settings changed from ``grid_around``'s (``"variant"`` among them
             switches the teacher kind, at ``grid_around``'s learning rate).
         grid_seeds: seeds of every grid point.
+        posthoc: widths (sigma_rel) of post-hoc EMAs rebuilt from the baseline's runs at its
+            chosen learning rate over ``seeds`` (one training run per seed gives every width).
         notes: free text copied into the summary.
     """
 
@@ -82,6 +84,7 @@ class StudySpec:
     grid_around: str | None = None
     grid: dict[str, dict[str, Any]] = field(default_factory=dict)
     grid_seeds: list[int] = field(default_factory=list)
+    posthoc: list[float] = field(default_factory=list)
     notes: str = ""
 
     def validate(self) -> None:
@@ -114,12 +117,19 @@ class StudySpec:
         for lr in self.lrs:  # every setting validates before anything runs
             for label in self.variants:
                 self.config(label, lr=lr, seed=self.seeds[0])
+        if "posthoc" in self.grid:
+            raise ExperimentError("study config: 'posthoc' is a reserved grid label")
         for label in self.grid:
             self.config(self.grid_around, lr=self.lrs[0], seed=self.seeds[0], point=label)
+        if self.posthoc:
+            self.config(self.baseline, lr=self.lrs[0], seed=self.seeds[0], point="posthoc")
 
     def config(self, label: str, *, lr: float, seed: int, point: str | None = None) -> Config:
-        """The run's settings: base, then the variant's, then the grid point's."""
-        settings = {**self.base, **self.variants[label], **(self.grid[point] if point else {})}
+        """The run's settings: base, then the variant's, then the grid point's (``"posthoc"``:
+        the post-hoc EMA widths)."""
+        extra = {"posthoc_sigma_rels": list(self.posthoc)} if point == "posthoc" else {}
+        point_settings = self.grid[point] if point and point != "posthoc" else {}
+        settings = {**self.base, **self.variants[label], **point_settings, **extra}
         teacher = settings.pop("variant")  # a grid point may switch the teacher kind
         settings.update(lr=lr, seed=seed)
         try:
@@ -220,6 +230,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "grid_around": "ema-teacher",
         "grid": _KNOBS,
         "grid_seeds": [0, 1, 2],
+        "posthoc": [0.02, 0.03, 0.05, 0.08, 0.12, 0.18, 0.28],
     },
     "smollm2": {
         "name": "study-smollm2",
@@ -260,6 +271,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lrs": [1e-3],
         "sweep_seeds": [0],
         "seeds": [0],
+        "posthoc": [0.1],
     },
 }
 
@@ -299,7 +311,7 @@ class RunSpec:
 
 
 def _run(spec: StudySpec, variant: str, lr: float, seed: int, point: str | None = None) -> RunSpec:
-    head = f"grid:{point}" if point else variant
+    head = f"{variant}+posthoc" if point == "posthoc" else f"grid:{point}" if point else variant
     label = f"{head}/lr={lr:g}/seed={seed}"
     return RunSpec(
         label, variant, point, lr, seed, spec.config(variant, lr=lr, seed=seed, point=point)
@@ -326,6 +338,9 @@ def plan(
         around = chosen[spec.grid_around]
         for p in spec.grid:
             runs += [_run(spec, spec.grid_around, around, s, p) for s in spec.grid_seeds]
+    if spec.posthoc:
+        base = chosen[spec.baseline]
+        runs += [_run(spec, spec.baseline, base, s, "posthoc") for s in spec.seeds]
     return _unique(runs), chosen
 
 
@@ -431,6 +446,7 @@ def run_study(
         results.update(found)
     n_later = 0 if chosen else len(spec.variants) * len(set(spec.seeds) - set(spec.sweep_seeds))
     n_later += 0 if chosen else (len(spec.grid) + 1) * len(spec.grid_seeds) * bool(spec.grid)
+    n_later += 0 if chosen else len(spec.seeds) * bool(spec.posthoc)
     bar = progress(
         total=sum(r.config.steps for r in runs) + n_later * steps,
         initial=sum(r.config.steps for r in runs if r.key in results),
@@ -459,7 +475,8 @@ def run_study(
 
 def _train(r: RunSpec, base, data, study_dir: str, bar, stop) -> dict[str, Any]:
     bar.set_postfix_str(r.label)
-    run = LoraRun(r.config, r.config.variants[0], base, data)
+    workdir = os.path.dirname(_result_path(study_dir, r))
+    run = LoraRun(r.config, r.config.variants[0], base, data, workdir=workdir)
     t0 = time.perf_counter()
 
     def on_step(_run: LoraRun, seconds: float) -> None:

@@ -168,7 +168,36 @@ def plot_lr_sweep(path, spec, tables) -> None:
     plt.close(fig)
 
 
+def plot_posthoc(path, spec, tables) -> None:
+    """Held-out losses of the post-hoc averages against their width (one training run per
+    seed gives every point), with the live weights' loss for reference."""
+    plt = _plt()
+    rows = tables["posthoc"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [r["sigma_rel"] for r in rows]
+    for ax, split, what in ((axes[0], "test", "new task"), (axes[1], "forget", "forgetting")):
+        ms = np.array([r[split].mean for r in rows])
+        sd = np.array([r[split].std if r[split].n > 1 else 0.0 for r in rows])
+        live = np.array([r[split].mean - r[f"d_{split}"].mean for r in rows])
+        ax.plot(xs, ms, marker="o", label="post-hoc EMA, rebuilt (mean)")
+        ax.fill_between(xs, ms - sd, ms + sd, alpha=0.2, label="± std over seeds")
+        ax.axhline(float(live.mean()), color="gray", ls="--", label="live weights (mean)")
+        ax.set_xscale("log")
+        ax.set_xlabel("relative width sigma_rel of the average (log)")
+        ax.set_ylabel(f"{what}: held-out loss (nats/token)")
+        ax.set_ylim(*_limits([*(ms - sd), *(ms + sd), float(live.mean())]))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{spec.name}: averages of every width from one run per seed "
+                 f"(seeds {rows[0]['seeds']})", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_all(study_dir, spec, runs, results, chosen, tables) -> None:
     plot_curves(os.path.join(study_dir, "curves.png"), spec, runs, results, chosen)
     plot_intervals(os.path.join(study_dir, "intervals.png"), spec, tables)
     plot_lr_sweep(os.path.join(study_dir, "lr_sweep.png"), spec, tables)
+    if tables["posthoc"]:
+        plot_posthoc(os.path.join(study_dir, "posthoc.png"), spec, tables)

@@ -15,7 +15,9 @@ pytest.importorskip("peft")
 
 
 def micro(**changes):
+    """The micro preset, without its post-hoc phase unless asked for."""
     raw = json.loads(json.dumps(study.PRESETS["micro"]))
+    raw["posthoc"] = []
     raw.update(changes)
     return study.spec_from_dict(raw)
 
@@ -134,9 +136,9 @@ def test_interrupted_study_resumes_at_run_granularity(tmp_path, monkeypatch):
     built = []
     real_init = runs.LoraRun.__init__
 
-    def counting_init(self, cfg, variant, *a):
+    def counting_init(self, cfg, variant, *a, **kw):
         built.append(variant)
-        real_init(self, cfg, variant, *a)
+        real_init(self, cfg, variant, *a, **kw)
 
     monkeypatch.setattr(runs.LoraRun, "__init__", counting_init)
     cut = study.run_study(spec, str(tmp_path), "cut", progress=quiet)
@@ -209,9 +211,9 @@ def test_a_changed_study_reuses_the_runs_it_shares(tmp_path, monkeypatch):
     built = []
     real_init = runs.LoraRun.__init__
 
-    def counting_init(self, cfg, variant, *a):
+    def counting_init(self, cfg, variant, *a, **kw):
         built.append((variant, cfg.seed))
-        real_init(self, cfg, variant, *a)
+        real_init(self, cfg, variant, *a, **kw)
 
     monkeypatch.setattr(runs.LoraRun, "__init__", counting_init)
     out = study.run_study(micro(seeds=[0, 1]), str(tmp_path), "x", progress=quiet)
@@ -247,3 +249,25 @@ def test_smollm2_loads_offline_from_the_gguf_package():
     peft_model = runs.lora_model(model, runs.Config(lora_targets="q_proj,v_proj"))
     n = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert n == 30 * 2 * 8 * (576 + 576) - 30 * 8 * (576 - 192)  # q: 576->576, v: 576->192
+
+
+def test_posthoc_phase_rebuilds_every_width_from_one_run(tmp_path):
+    """The baseline's runs keep a PostHocEMA; the widths are rebuilt after training. The
+    averager changes no training: those runs' live weights follow the baseline runs' exactly."""
+    base = {**study.PRESETS["micro"]["base"], "steps": 6, "eval_every": 2}
+    spec = micro(posthoc=[0.05, 0.2], seeds=[0, 1], sweep_seeds=[0], base=base)
+    study.run_study(spec, str(tmp_path), "p", progress=quiet)
+    d = tmp_path / "p"
+    assert (d / "posthoc.png").is_file()
+    rows = json.loads((d / "results.json").read_text())["posthoc"]
+    assert [r["sigma_rel"] for r in rows] == [0.05, 0.2]
+    assert all(r["test"]["n"] == 2 and math.isfinite(r["test"]["mean"]) for r in rows)
+    assert "## Post-hoc EMA" in (d / "summary.md").read_text()
+    results = [json.loads(f.read_text()) for f in (d / "runs").glob("*/result.json")]
+    by = {(r["variant"], r["point"], r["seed"]): r["curve"] for r in results}
+    for seed in (0, 1):
+        plain, posthoc = by[("lora", None, seed)], by[("lora", "posthoc", seed)]
+        assert plain["student/test"] == posthoc["student/test"]
+        assert set(posthoc["posthoc"]) == {"0.05", "0.2"}
+    snaps = sorted(p.name for p in (d / "runs").glob("lora+posthoc*seed0*/posthoc-snapshots/*"))
+    assert snaps == [f"snapshot-{s:09d}.safetensors" for s in (2, 4, 6)]
