@@ -169,27 +169,28 @@ def plot_lr_sweep(path, spec, tables) -> None:
 
 
 def plot_posthoc(path, spec, tables) -> None:
-    """Held-out losses of the post-hoc averages against their width (one training run per
-    seed gives every point), with the live weights' loss for reference."""
+    """Paired differences of the post-hoc averages to the same runs' live weights, against the
+    averages' width (one training run per seed gives every point), with 95% intervals."""
     plt = _plt()
     rows = tables["posthoc"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     xs = [r["sigma_rel"] for r in rows]
     for ax, split, what in ((axes[0], "test", "new task"), (axes[1], "forget", "forgetting")):
-        ms = np.array([r[split].mean for r in rows])
-        sd = np.array([r[split].std if r[split].n > 1 else 0.0 for r in rows])
-        live = np.array([r[split].mean - r[f"d_{split}"].mean for r in rows])
-        ax.plot(xs, ms, marker="o", label="post-hoc EMA, rebuilt (mean)")
-        ax.fill_between(xs, ms - sd, ms + sd, alpha=0.2, label="± std over seeds")
-        ax.axhline(float(live.mean()), color="gray", ls="--", label="live weights (mean)")
+        d = [r[f"d_{split}"] for r in rows]
+        ms = np.array([x.mean for x in d])
+        lo = np.array([x.mean - x.low if x.n > 1 else 0.0 for x in d])
+        hi = np.array([x.high - x.mean if x.n > 1 else 0.0 for x in d])
+        ax.errorbar(xs, ms, yerr=[lo, hi], marker="o", capsize=3, label="rebuilt average")
+        ax.axhline(0.0, color="gray", ls="--", label="live weights")
         ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:g}" for x in xs], fontsize=7)
+        ax.minorticks_off()
         ax.set_xlabel("relative width sigma_rel of the average (log)")
-        ax.set_ylabel(f"{what}: held-out loss (nats/token)")
-        ax.set_ylim(*_limits([*(ms - sd), *(ms + sd), float(live.mean())]))
+        ax.set_ylabel(f"{what}: Δ held-out loss vs live weights (nats)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{spec.name}: averages of every width from one run per seed "
-                 f"(seeds {rows[0]['seeds']})", fontsize=9)  # fmt: skip
+    fig.suptitle(f"{spec.name}: post-hoc EMA of {spec.baseline}, every width from one run per "
+                 f"seed (paired, 95% intervals, seeds {rows[0]['seeds']})", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
