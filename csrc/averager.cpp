@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -34,81 +35,101 @@ struct Coeffs {
   bool teacher_ema;  // BEMA: the teachers receive ema instead of out
 };
 
-// The update of one chunk of m finite elements; the switches are compile-time so that every
-// variant is a branch-free vectorizable loop. With K > 1 profiles (EMA) each profile is one more
-// pass over the chunk, whose theta values sit in L1 after the first.
-template <typename P, typename T, bool BEMA, bool TEACH, bool TEACH_EMA, bool RESET>
-inline void update_chunk(const P* __restrict th, T* __restrict te, float* __restrict e,
-                         float* __restrict t0, float* __restrict o, int64_t m, const Coeffs& k) {
-  if (!BEMA && k.profiles > 1) {
-    for (int64_t p = 0; p < k.profiles; ++p) {
-      float* __restrict ep = e + p * k.stride;
-      const float c_ema = k.c_ema[p], c_theta = k.c_theta[p];
-#pragma omp simd
-      for (int64_t i = 0; i < m; ++i) {
-        const float x = static_cast<float>(th[i]);
-        ep[i] = RESET ? x : c_ema * ep[i] + c_theta * x;
-      }
-    }
-    if constexpr (TEACH) {
-      const float* __restrict et = e + k.teacher_profile * k.stride;
-#pragma omp simd
-      for (int64_t i = 0; i < m; ++i) te[i] = static_cast<T>(et[i]);
-    }
-    return;
-  }
-  const float c_ema = k.c_ema[0], c_theta = k.c_theta[0], alpha = k.alpha;
-#pragma omp simd
-  for (int64_t i = 0; i < m; ++i) {
-    const float x = static_cast<float>(th[i]);
-    float v;
+// 1 when x is an infinity or a NaN (all exponent bits set), else 0; integer arithmetic, so that
+// the loops below stay branch-free and vectorize.
+inline uint32_t not_finite(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits & 0x7f800000u) == 0x7f800000u;
+}
+
+// fresh where bad == 0, old where bad == 1, as a bit blend (a float select would be a branch).
+inline float keep_if(uint32_t bad, float fresh, float old) {
+  const uint32_t take_fresh = bad - 1u;  // all ones when bad == 0
+  uint32_t f, o;
+  std::memcpy(&f, &fresh, sizeof f);
+  std::memcpy(&o, &old, sizeof o);
+  const uint32_t r = (f & take_fresh) | (o & ~take_fresh);
+  float out;
+  std::memcpy(&out, &r, sizeof out);
+  return out;
+}
+
+// The write-only streams of one element: BEMA's output (and theta_0 at a reset) and the teacher.
+template <typename T, bool BEMA, bool TEACH, bool TEACH_EMA, bool RESET>
+inline void write_outputs(float x, const float* __restrict e_teach, T* __restrict te,
+                          float* __restrict t0, float* __restrict o, float e0, int64_t i,
+                          float alpha) {
+  float v = e0;
+  if constexpr (BEMA) {
     if constexpr (RESET) {
-      e[i] = x;
-      if constexpr (BEMA) {
-        t0[i] = x;
-        o[i] = x;
-      }
+      t0[i] = x;
       v = x;
     } else {
-      const float en = c_ema * e[i] + c_theta * x;
-      e[i] = en;
-      v = en;
-      if constexpr (BEMA) {
-        v = en + alpha * (x - t0[i]);
-        o[i] = v;
+      v = e0 + alpha * (x - t0[i]);
+    }
+    o[i] = v;
+  }
+  if constexpr (TEACH) te[i] = static_cast<T>(TEACH_EMA || !BEMA ? e_teach[i] : v);
+}
+
+// The update of one chunk of m elements; returns 1 when one of its theta is not finite (that
+// element keeps every state value). The switches are compile-time so that every variant is a
+// branch-free vectorizable loop. Pass 1 streams theta and the K shadows (read-modify-write, a
+// bit blend keeping the old value of a non-finite element) and learns whether the chunk is
+// clean; pass 2 writes the write-only streams from values that pass 1 left in L1, element by
+// element only in the rare chunk holding a non-finite theta. theta is read from memory once for
+// all K profiles.
+template <typename P, typename T, bool BEMA, bool TEACH, bool TEACH_EMA, bool RESET>
+inline uint32_t update_chunk(const P* __restrict th, T* __restrict te, float* __restrict e,
+                             float* __restrict t0, float* __restrict o, int64_t m,
+                             const Coeffs& k) {
+  uint32_t bad = 0;
+  const int64_t profiles = BEMA ? 1 : k.profiles;
+  for (int64_t p = 0; p < profiles; ++p) {
+    float* __restrict ep = e + p * k.stride;
+    const float c_ema = k.c_ema[p], c_theta = k.c_theta[p];
+#pragma omp simd reduction(| : bad)
+    for (int64_t i = 0; i < m; ++i) {
+      const float x = static_cast<float>(th[i]);
+      const uint32_t nf = not_finite(x);
+      const float old = ep[i];
+      ep[i] = keep_if(nf, RESET ? x : c_ema * old + c_theta * x, old);
+      bad |= nf;
+    }
+  }
+  if constexpr (BEMA || TEACH) {
+    const float* e_teach = e + (BEMA ? 0 : k.teacher_profile * k.stride);
+    const float alpha = k.alpha;
+    if (!bad) {
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) {
+        write_outputs<T, BEMA, TEACH, TEACH_EMA, RESET>(static_cast<float>(th[i]), e_teach, te,
+                                                         t0, o, e[i], i, alpha);
+      }
+    } else {
+      for (int64_t i = 0; i < m; ++i) {
+        const float x = static_cast<float>(th[i]);
+        if (!not_finite(x)) {
+          write_outputs<T, BEMA, TEACH, TEACH_EMA, RESET>(x, e_teach, te, t0, o, e[i], i, alpha);
+        }
       }
     }
-    if constexpr (TEACH) te[i] = static_cast<T>(TEACH_EMA ? e[i] : v);
   }
+  return bad;
 }
 
 // One contiguous run of elements [0, n) of a tensor; state pointers already offset.
 template <typename P, typename T, bool BEMA, bool TEACH, bool TEACH_EMA, bool RESET>
 bool update_run(const P* theta, T* teacher, float* ema, float* theta0, float* out, int64_t n,
                 const Coeffs& k) {
-  bool bad = false;
+  uint32_t bad = 0;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t m = std::min(kChunk, n - c0);
-    const P* th = theta + c0;
-    float* e = ema + c0;
-    float* t0 = BEMA ? theta0 + c0 : nullptr;
-    float* o = BEMA ? out + c0 : nullptr;
-    T* te = TEACH ? teacher + c0 : nullptr;
-    if (all_finite(th, m)) {
-      update_chunk<P, T, BEMA, TEACH, TEACH_EMA, RESET>(th, te, e, t0, o, m, k);
-      continue;
-    }
-    // A chunk holding a non-finite theta: update the finite elements one by one.
-    bad = true;
-    for (int64_t i = 0; i < m; ++i) {
-      if (std::isfinite(static_cast<float>(th[i]))) {
-        update_chunk<P, T, BEMA, TEACH, TEACH_EMA, RESET>(th + i, TEACH ? te + i : nullptr,
-                                                          e + i, BEMA ? t0 + i : nullptr,
-                                                          BEMA ? o + i : nullptr, 1, k);
-      }
-    }
+    bad |= update_chunk<P, T, BEMA, TEACH, TEACH_EMA, RESET>(
+        theta + c0, TEACH ? teacher + c0 : nullptr, ema + c0, BEMA ? theta0 + c0 : nullptr,
+        BEMA ? out + c0 : nullptr, std::min(kChunk, n - c0), k);
   }
-  return bad;
+  return bad != 0;
 }
 
 // Calls f with std::true_type or std::false_type for a runtime switch.

@@ -174,6 +174,71 @@ def test_nonfinite_weights_are_skipped_and_flagged(backend):
     assert not avg.nonfinite_detected()
 
 
+# kind, the averager's options, the decays of its oracles, what the teacher follows (a profile
+# index, or the BEMA output).
+NONFINITE_SETTINGS = {
+    "ema-profiles": ("ema", dict(decay=(0.5, 0.9, 0.99), teacher_profile=2), (0.5, 0.9, 0.99), 2),
+    "bema-teaches-ema": ("bema", dict(teacher_weights="ema"), (None,), 0),
+    "bema-teaches-bema": ("bema", dict(teacher_weights="bema"), (None,), "bema"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("setting", list(NONFINITE_SETTINGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_nonfinite_elements_keep_every_state_value(backend, setting, dtype):
+    """A non-finite theta (first element, both sides of a 1024-element chunk boundary, a tail)
+    leaves every state value of its element bit-identical: each profile's shadow, BEMA's
+    theta_0 and output, the teacher; every other element, including those sharing a chunk with
+    a non-finite one, moves as the float64 formulas say."""
+    backend_or_skip(backend)
+    sizes = [3, 2500, 1030]
+    bad = {0: [0], 1: [1023, 1024, 2499], 2: [1029]}
+    kind, hp, decays, follows = NONFINITE_SETTINGS[setting]
+    model = Bag(sizes, dtype)
+    avg = make(kind, model, backend, **hp)
+    teachers = [torch.empty(n, dtype=torch.float32) for n in sizes]
+    g = avg._groups[0]
+    g.teachers = teachers
+    avg._prepare(g)
+    oracles = [Oracle(kind, model.values(), **({"decay": d} if d else {})) for d in decays]
+    for t in (1, 2):
+        model.perturb(0.1)
+        avg.update()
+        for o in oracles:
+            o.step(t, model.values())
+
+    def state() -> list[torch.Tensor]:
+        kept = [g.ema] + [x for x in (g.theta0, g.out) if x is not None]
+        return [x.reshape(-1, sum(sizes)).clone() for x in kept] + [torch.cat(teachers)[None]]
+
+    before = state()
+    model.perturb(0.1)
+    with torch.no_grad():
+        for i, positions in bad.items():
+            for j, pos in enumerate(positions):
+                model.ps[i][pos] = (math.nan, math.inf, -math.inf)[j % 3]
+    theta = model.values()
+    avg.update()
+    for o in oracles:
+        o.step(3, theta)
+    assert avg.nonfinite_detected()
+    mask = torch.cat([~torch.isfinite(x) for x in theta])
+    assert int(mask.sum()) == sum(len(v) for v in bad.values())
+    for b, a in zip(before, state(), strict=True):
+        assert torch.equal(a[:, mask], b[:, mask])  # bit for bit, NaN-free: nothing was written
+        assert torch.isfinite(a).all()
+    shadows = state()[0]
+    for k, o in enumerate(oracles):
+        assert_close(shadows[k][~mask], torch.cat(o.ema)[~mask], FP32_RTOL, f"profile {k}")
+    if kind == "bema":
+        out = avg.averaged_state_dict(torch.float32)
+        got = torch.cat([out[f"ps.{i}"] for i in range(len(sizes))])
+        assert_close(got[~mask], torch.cat(oracles[0].averaged)[~mask], FP32_RTOL, "bema output")
+    ref = oracles[0].averaged if follows == "bema" else oracles[follows].ema
+    assert_close(torch.cat(teachers)[~mask], torch.cat(ref)[~mask], FP32_RTOL, "teacher")
+
+
 def test_matches_trl_bema_callback():
     """Same hyperparameters and weight sequence: our bema equals TRL's BEMACallback's."""
     trl_callbacks = pytest.importorskip("trl.trainer.callbacks")
