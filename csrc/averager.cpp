@@ -73,29 +73,47 @@ inline void write_outputs(float x, const float* __restrict e_teach, T* __restric
   if constexpr (TEACH) te[i] = static_cast<T>(TEACH_EMA || !BEMA ? e_teach[i] : v);
 }
 
+// One profile's shadow over a chunk: ep = c_ema * ep + c_theta * theta (theta at a reset). With
+// GUARD, an element whose theta is not finite keeps its old value (a bit blend) and the return
+// value is 1 when the chunk holds one; without, the chunk is known to be clean.
+template <typename P, bool RESET, bool GUARD>
+inline uint32_t update_profile(const P* __restrict th, float* __restrict ep, int64_t m,
+                               float c_ema, float c_theta) {
+  uint32_t bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 0; i < m; ++i) {
+    const float x = static_cast<float>(th[i]);
+    const float old = ep[i];
+    const float fresh = RESET ? x : c_ema * old + c_theta * x;
+    if constexpr (GUARD) {
+      const uint32_t nf = not_finite(x);
+      ep[i] = keep_if(nf, fresh, old);
+      bad |= nf;
+    } else {
+      ep[i] = fresh;
+    }
+  }
+  return bad;
+}
+
 // The update of one chunk of m elements; returns 1 when one of its theta is not finite (that
 // element keeps every state value). The switches are compile-time so that every variant is a
-// branch-free vectorizable loop. Pass 1 streams theta and the K shadows (read-modify-write, a
-// bit blend keeping the old value of a non-finite element) and learns whether the chunk is
-// clean; pass 2 writes the write-only streams from values that pass 1 left in L1, element by
-// element only in the rare chunk holding a non-finite theta. theta is read from memory once for
-// all K profiles.
+// branch-free vectorizable loop. The first profile's pass streams theta and its shadow from
+// memory and learns whether the chunk is clean; the other profiles' passes find theta in L1
+// (and skip the guard when the chunk is clean); a last pass writes the write-only streams from
+// values in L1, element by element only in the rare chunk holding a non-finite theta. theta is
+// read from memory once for all K profiles.
 template <typename P, typename T, bool BEMA, bool TEACH, bool TEACH_EMA, bool RESET>
 inline uint32_t update_chunk(const P* __restrict th, T* __restrict te, float* __restrict e,
                              float* __restrict t0, float* __restrict o, int64_t m,
                              const Coeffs& k) {
-  uint32_t bad = 0;
-  const int64_t profiles = BEMA ? 1 : k.profiles;
-  for (int64_t p = 0; p < profiles; ++p) {
-    float* __restrict ep = e + p * k.stride;
-    const float c_ema = k.c_ema[p], c_theta = k.c_theta[p];
-#pragma omp simd reduction(| : bad)
-    for (int64_t i = 0; i < m; ++i) {
-      const float x = static_cast<float>(th[i]);
-      const uint32_t nf = not_finite(x);
-      const float old = ep[i];
-      ep[i] = keep_if(nf, RESET ? x : c_ema * old + c_theta * x, old);
-      bad |= nf;
+  const uint32_t bad = update_profile<P, RESET, true>(th, e, m, k.c_ema[0], k.c_theta[0]);
+  for (int64_t p = 1; p < (BEMA ? 1 : k.profiles); ++p) {
+    float* ep = e + p * k.stride;
+    if (bad) {
+      update_profile<P, RESET, true>(th, ep, m, k.c_ema[p], k.c_theta[p]);
+    } else {
+      update_profile<P, RESET, false>(th, ep, m, k.c_ema[p], k.c_theta[p]);
     }
   }
   if constexpr (BEMA || TEACH) {
