@@ -33,10 +33,11 @@ setup(
     packages=[
         "emalora_fast",
         "emalora_fast.integrations",
+        # The top-level kernels/ folder, reached through the link emalora_fast/kernels; it has no
+        # __init__.py so that it never shadows Hugging Face's `kernels` (see kernels/README.md).
         "emalora_fast.kernels",
         "emalora_fast.data",
     ],
-    package_dir={"emalora_fast.kernels": "kernels"},
     package_data={"emalora_fast.data": ["*.txt", "*.gz"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
