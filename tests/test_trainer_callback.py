@@ -130,3 +130,26 @@ def test_resume_from_a_checkpoint_outside_output_dir(tmp_path):
     trainer3.args.max_steps = 9
     trainer3.train(resume_from_checkpoint=True)  # the last checkpoint of output_dir
     assert avg3.step == 9
+
+
+def test_plain_trainer_resumes_from_the_checkpoint_it_is_given_not_output_dirs(tmp_path):
+    """A plain Trainer resumed from run A's checkpoint while its output_dir holds run B's
+    checkpoint of the same step: the averager continues run A, exactly."""
+
+    def run(out, lr, resume=None, max_steps=6):
+        model = tiny_model()
+        avg = BEMA(model)
+        trainer = make_trainer(out, model, [AveragerCallback(avg)], max_steps=max_steps)
+        trainer.args.learning_rate = lr
+        trainer.train(resume_from_checkpoint=resume)
+        return avg.state_dict()
+
+    final_a = run(tmp_path / "A", 1e-2)
+    final_b = run(tmp_path / "B", 3e-2)  # another run: B/checkpoint-3 exists too
+    assert not torch.equal(
+        final_a["ema"][next(iter(final_a["ema"]))], final_b["ema"][next(iter(final_b["ema"]))]
+    )
+    resumed = run(tmp_path / "B", 1e-2, resume=str(tmp_path / "A" / "checkpoint-3"))
+    for key in ("ema", "theta0", "out"):
+        for n in final_a[key]:
+            torch.testing.assert_close(resumed[key][n], final_a[key][n], rtol=1e-6, atol=1e-7)

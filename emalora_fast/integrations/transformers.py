@@ -10,10 +10,11 @@ from any folder continues the average identically.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 STATE_FILE = "emalora_averager{rank}.pt"
@@ -29,6 +30,39 @@ def state_path(checkpoint_dir: str) -> str:
     """Where the averager's state goes inside a checkpoint folder (one file per rank)."""
     rank = _rank()
     return os.path.join(checkpoint_dir, STATE_FILE.format(rank=f"_rank{rank}" if rank else ""))
+
+
+def _resume_folder_of_running_trainer() -> str | None:
+    """The checkpoint folder the running ``Trainer.train(resume_from_checkpoint=...)`` resumes from.
+
+    transformers hands callbacks neither the trainer nor that path, so it is read from the
+    trainer's own call frames (``train`` resolves ``True`` to a folder before it reaches the
+    training loop). Only called at ``on_train_begin``, once per training run.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            local = frame.f_locals
+            folder = local.get("resume_from_checkpoint")
+            if isinstance(local.get("self"), Trainer) and isinstance(folder, str | os.PathLike):
+                return os.fspath(folder)
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+# The TrainerState fields that tell one run's checkpoint from another's at the same step.
+_RUN_FIELDS = ("global_step", "epoch", "total_flos", "log_history", "best_metric")
+
+
+def _saved_by_this_run(folder: str, state: TrainerState) -> bool:
+    """Whether ``folder``'s trainer_state.json is the state the Trainer just resumed."""
+    path = os.path.join(folder, "trainer_state.json")
+    if not os.path.isfile(path):
+        return False
+    saved = TrainerState.load_from_json(path)
+    return all(getattr(saved, k) == getattr(state, k) for k in _RUN_FIELDS)
 
 
 class AveragerCallback(TrainerCallback):
@@ -49,20 +83,26 @@ class AveragerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:
             return
-        candidates = [self.resume_from_checkpoint, self.trainer_checkpoint]
+        # The folder given to the callback is trusted; any other is used only if it holds the
+        # very trainer state the Trainer resumed (output_dir may hold another run's checkpoint
+        # of the same step).
+        candidates = [self.resume_from_checkpoint] if self.resume_from_checkpoint else []
+        inferred = [self.trainer_checkpoint, _resume_folder_of_running_trainer()]
         if isinstance(args.resume_from_checkpoint, str):
-            candidates.append(args.resume_from_checkpoint)
-        candidates.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+            inferred.append(args.resume_from_checkpoint)
+        inferred.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        candidates += [f for f in dict.fromkeys(inferred) if f and _saved_by_this_run(f, state)]
         for folder in candidates:
-            if folder and os.path.isfile(state_path(folder)):
+            if os.path.isfile(state_path(folder)):
                 state_dict = torch.load(state_path(folder), map_location="cpu", weights_only=True)
                 self.averager.load_state_dict(state_dict)
                 return
         if self.averager.step != state.global_step:
+            looked = [f for f in [self.resume_from_checkpoint, *inferred] if f]
             raise FileNotFoundError(
-                f"resuming at step {state.global_step}, but no averager state was found in "
-                f"{[c for c in candidates if c]}; train with AveragingTrainer (it passes on the "
-                "checkpoint given to train()) or pass AveragerCallback(resume_from_checkpoint=...)"
+                f"resuming at step {state.global_step}, but no averager state of this run was "
+                f"found (looked in {looked}, using only folders whose trainer_state.json is the "
+                "one resumed); pass AveragerCallback(resume_from_checkpoint=<the checkpoint>)"
             )
 
     def on_step_end(self, args, state, control, **kwargs):
