@@ -44,6 +44,7 @@ from .runs import (
     load_base,
     load_texts,
     make_data,
+    progress_bar,
 )
 
 __all__ = ["Config", "ExperimentError", "Interrupted", "VARIANTS", "run_experiment"]
@@ -114,7 +115,7 @@ def run_experiment(cfg: Config, *, resume: bool = False, progress=None) -> dict[
     """Run (or resume) the main job; returns the curves and the summary rows."""
     cfg.validate()
     if progress is None:
-        from tqdm.auto import tqdm as progress
+        progress = progress_bar
     ck_path = os.path.join(cfg.run_dir, CHECKPOINT)
     state: dict[str, Any] = {"config": dataclasses.asdict(cfg), "curves": {}, "times": {}}
     if resume:
@@ -189,15 +190,20 @@ def write_outputs(cfg: Config, curves: dict[str, dict], times: dict[str, float])
                 for row in zip(c["step"], c[f"student/{split}"], c[f"averaged/{split}"]):
                     w.writerow([name, row[0], split, *row[1:]])
     rows = []
+    # A derived row is another run's averaged weights: it has no student. The plain run's own
+    # averaged weights are that derived row, so they are not repeated on the plain run's row.
+    shown_elsewhere = {src for src, _ in DERIVED.values()}
     for name, c in curves.items():
         derived = name in DERIVED
+        averaged = name not in shown_elsewhere
         test = c["student/test"]
         rows.append(
             {
                 "variant": name,
                 "final_student": None if derived else test[-1],
-                "final_averaged": c["averaged/test"][-1],
-                "forgetting": c["student/forget"][-1],
+                "forgetting": None if derived else c["student/forget"][-1],
+                "final_averaged": c["averaged/test"][-1] if averaged else None,
+                "forgetting_averaged": c["averaged/forget"][-1] if averaged else None,
                 "best": min(test + c["averaged/test"]),
                 "diverged": diverged(test),
                 "seconds": times.get(name),
@@ -225,14 +231,18 @@ def summary_markdown(cfg: Config, rows: list[dict]) -> str:
         "New task: the test split of the adaptation text; forgetting: held-out text of the "
         "pre-training domain (lower is better for both).",
         "",
-        "| variant | new task (student) | new task (averaged weights) | forgetting (student) "
-        "| best seen | diverged | train time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "Averaged weights: the teacher's average for a teacher variant; the plain run's own "
+        f"average is the row {', '.join(DERIVED)} (no student of its own).",
+        "",
+        "| variant | new task (student) | forgetting (student) | new task (averaged weights) "
+        "| forgetting (averaged weights) | best seen | diverged | train time (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {fmt(r['final_student'])} | {fmt(r['final_averaged'])} | "
-            f"{fmt(r['forgetting'])} | {fmt(r['best'])} | {'**yes**' if r['diverged'] else 'no'} "
+            f"| {r['variant']} | {fmt(r['final_student'])} | {fmt(r['forgetting'])} | "
+            f"{fmt(r['final_averaged'])} | {fmt(r.get('forgetting_averaged'))} | "
+            f"{fmt(r['best'])} | {'**yes**' if r['diverged'] else 'no'} "
             f"| {fmt(r['seconds'], '.1f')} |"
         )
     bad = [r["variant"] for r in rows if r["diverged"]]

@@ -40,6 +40,7 @@ from .runs import (
     load_base,
     load_texts,
     make_data,
+    progress_bar,
 )
 from .stats import diverged, oscillation
 
@@ -425,7 +426,7 @@ def run_study(
     from .study_report import write_report
 
     if progress is None:
-        from tqdm.auto import tqdm as progress
+        progress = progress_bar
     study_dir = os.path.join(output_dir, run_name or spec.name)
     check_writable(study_dir)
     # The folder's study.json is the study last run there; runs are keyed by their settings, so
