@@ -46,7 +46,7 @@ test-latest:
 	  CONSTRAINTS=/dev/null
 
 compile-check: $(STAMP) $(STAMP36)
-	TRITON_INTERPRET=0 $(PY) -m pytest tests/test_compile.py -q -p no:cacheprovider
+	TRITON_INTERPRET=0 $(PY) -m pytest tests/kernels/test_compile.py -q -p no:cacheprovider
 
 demo: $(STAMP)
 	$(PY) -m emalora_fast distill --quick --run-name demo

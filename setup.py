@@ -32,13 +32,16 @@ def _extensions():
 setup(
     packages=[
         "emalora_fast",
+        "emalora_fast.averaging",
+        "emalora_fast.distill",
+        "emalora_fast.experiments",
         "emalora_fast.integrations",
         # The top-level kernels/ folder, reached through the link emalora_fast/kernels; it has no
         # __init__.py so that it never shadows Hugging Face's `kernels` (see kernels/README.md).
         "emalora_fast.kernels",
-        "emalora_fast.data",
+        "emalora_fast.experiments.data",
     ],
-    package_data={"emalora_fast.data": ["*.txt", "*.gz"]},
+    package_data={"emalora_fast.experiments.data": ["*.txt", "*.gz"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -143,6 +143,7 @@ def fused_backward_timing() -> str:
 def loss_pipelining_timing() -> str:
     """Forward + backward at N = 4096, V = 128256 (bf16): pass 1 plain, then pipelined."""
     import triton.testing
+
     from emalora_fast.kernels import distill_loss as kernels
 
     torch.manual_seed(3)

@@ -4,15 +4,17 @@
 >>> avg = BEMA(peft_model)          # after each optimizer step: avg.update()
 """
 
+from . import _moved
 from ._dispatch import BackendUnavailableError
-from .averager import BEMA, EMA
-from .fused_linear import FusedLinearDistillationLoss, fused_linear_distillation_loss
-from .loss import DistillationLoss, distillation_loss
-from .posthoc import PostHocEMA
-from .schedules import bema_coefficients, ema_decay
-from .self_distill import SelfDistiller
+from .averaging.ema import BEMA, EMA
+from .averaging.posthoc import PostHocEMA
+from .averaging.schedules import bema_coefficients, ema_decay
+from .distill.fused_linear import FusedLinearDistillationLoss, fused_linear_distillation_loss
+from .distill.loss import DistillationLoss, distillation_loss
+from .distill.self_distill import SelfDistiller
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+_moved.install()  # the 0.1 module paths (emalora_fast.averager, ...), deprecated
 
 # The transformers integration imports transformers: loaded on first use.
 _LAZY = {

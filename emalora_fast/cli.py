@@ -7,7 +7,7 @@ import sys
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from .experiment import Config, ExperimentError, Interrupted, run_experiment
+    from .experiments.main_job import Config, ExperimentError, Interrupted, run_experiment
 
     if args.study is not None or args.study_config is not None:
         return _study(args)
@@ -25,7 +25,7 @@ def _distill(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    from .experiment import summary_markdown
+    from .experiments.main_job import summary_markdown
 
     print(summary_markdown(cfg, result["summary"]))
     print(f"outputs in {result['run_dir']}")
@@ -33,8 +33,8 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .runs import SMOLLM2, ExperimentError, Interrupted
-    from .study import load_spec, preset, run_study
+    from .experiments.runs import SMOLLM2, ExperimentError, Interrupted
+    from .experiments.study import load_spec, preset, run_study
 
     try:
         if args.study is not None and args.study_config is not None:

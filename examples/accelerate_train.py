@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from emalora_fast import EMA, DistillationLoss, SelfDistiller
-from emalora_fast.data import VOCAB_SIZE, encode_bytes, load_text
+from emalora_fast.experiments.data import VOCAB_SIZE, encode_bytes, load_text
 
 
 class Windows(torch.utils.data.Dataset):

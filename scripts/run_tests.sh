@@ -10,15 +10,15 @@ echo "test seed: EMALORA_TEST_SEED=$EMALORA_TEST_SEED"
 # The ahead-of-time compile check (ptxas, one core, minutes) runs beside the rest of the suite,
 # whose interpreted kernels keep one core busy; its output follows the suite's.
 compile_log=$(mktemp)
-"$PY" -m pytest tests/test_compile.py -q -s -p no:cacheprovider -rs >"$compile_log" 2>&1 &
+"$PY" -m pytest tests/kernels/test_compile.py -q -s -p no:cacheprovider -rs >"$compile_log" 2>&1 &
 compile_pid=$!
 trap 'kill "$compile_pid" 2>/dev/null || true; rm -f "$compile_log"' EXIT
 suite=0
-"$PY" -m pytest tests -q -p no:cacheprovider --durations=10 --ignore=tests/test_compile.py \
+"$PY" -m pytest tests -q -p no:cacheprovider --durations=10 --ignore=tests/kernels/test_compile.py \
   || suite=$?
 compile=0
 wait "$compile_pid" || compile=$?
-echo "--- compile check (tests/test_compile.py) ---"
+echo "--- compile check (tests/kernels/test_compile.py) ---"
 cat "$compile_log"
 if [ "$suite" -ne 0 ] || [ "$compile" -ne 0 ]; then
   echo "test suite exit $suite, compile check exit $compile" >&2

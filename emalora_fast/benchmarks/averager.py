@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..averager import BEMA, EMA
+from ..averaging.ema import BEMA, EMA
 
 # (hidden, intermediate, kv_dim, layers) of the model shapes; LoRA on all 7 linear layers.
 SHAPES = {

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .._dispatch import load_cpp
-from ..loss import distillation_loss
+from ..distill.loss import distillation_loss
 
 PROVIDERS = ("emalora", "emalora_inplace", "naive", "chunked")
 SMOKE = os.environ.get("EMALORA_BENCH_SMOKE", "0") == "1"  # tiny shapes (CI runs each once)

@@ -25,8 +25,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..fused_linear import fused_linear_distillation_loss
-from ..loss import distillation_loss
+from ..distill.fused_linear import fused_linear_distillation_loss
+from ..distill.loss import distillation_loss
 from ..reference import distillation_loss_reference
 
 PROVIDERS = ("emalora", "materialize", "naive", "reference", "matmul")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..averager import EMA
+from ..averaging.ema import EMA
 
 
 def model_30_layers(device: torch.device, layers: int = 30):

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from helpers import rel_err as _rel_err
 
-import emalora_fast.fused_linear as fl_mod
+import emalora_fast.distill.fused_linear as fl_mod
+import emalora_fast.distill.fused_linear_paths as fl_paths
 from emalora_fast import (
     FusedLinearDistillationLoss,
     distillation_loss,
@@ -452,8 +453,8 @@ def test_masked_vocabulary_bias(backend, divergence, beta):
 @pytest.mark.parametrize("head", ["shared", "separate"])
 def test_chunking(backend, head, monkeypatch):
     """Several row chunks with a remainder (3 rows per chunk of 20) give the same result."""
-    monkeypatch.setattr(fl_mod, "_CHUNK_ELEMENTS", 3 * 150 + 7)
-    assert fl_mod._chunk_rows(20, 150) == 3
+    monkeypatch.setattr(fl_paths, "_CHUNK_ELEMENTS", 3 * 150 + 7)
+    assert fl_paths._chunk_rows(20, 150) == 3
     p = make_problem(20, 16, 150, head=head)
     kw = dict(divergence="jsd", beta=0.3, labels=make_labels((20,), 150), hard_label_weight=0.2)
     check(p, backend, softcap=6.0, **kw)
@@ -515,7 +516,7 @@ def test_poisoned_buffers_are_overwritten(backend, divergence, beta, monkeypatch
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(fl_mod, "_new_empty", poisoned)
-    monkeypatch.setattr(fl_mod, "_CHUNK_ELEMENTS", 4 * 100)
+    monkeypatch.setattr(fl_paths, "_CHUNK_ELEMENTS", 4 * 100)
     if backend == "triton":
         kernels = pytest.importorskip("emalora_fast.kernels.fused_linear")
         monkeypatch.setattr(kernels, "_new_empty", poisoned)

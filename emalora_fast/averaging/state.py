@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ._checks import is_int
+from .._checks import is_int
 
 STATE_FORMAT = 1
 

@@ -21,6 +21,7 @@ import os
 import platform
 from typing import Any
 
+from .runs import atomic_write_json
 from .stats import Interval, describe, paired
 
 LEVEL = 0.95
@@ -317,14 +318,13 @@ def _jsonable(rows: list[dict]) -> list[dict]:
 
 
 def write_report(study_dir, spec, runs, results, chosen, seconds) -> dict[str, Any]:
-    from .study import _write_json
 
     tables = build_tables(spec, runs, results, chosen)
     done = [results[r.key] for r in runs if r.key in results]
     with open(os.path.join(study_dir, "summary.md"), "w") as f:
         train = math.fsum(r["seconds"] for r in done)
         f.write(summary_markdown(spec, tables, chosen, seconds, len(done), train))
-    _write_json(
+    atomic_write_json(
         os.path.join(study_dir, "results.json"),
         {"study": spec.name, "chosen_lrs": chosen, "seconds": seconds, "hardware": _hardware()}
         | {k: _jsonable(v) for k, v in tables.items()},
@@ -358,7 +358,7 @@ def write_report(study_dir, spec, runs, results, chosen, seconds) -> dict[str, A
                         [r["label"], r["variant"], r["point"] or "", r["lr"], r["seed"], step, who,
                          split, v]
                     )  # fmt: skip
-    from .study_plots import plot_all
+    from .plots import plot_all
 
     plot_all(study_dir, spec, runs, results, chosen, tables)
     return {"tables": tables, "chosen": chosen, "study_dir": study_dir, "runs": done}

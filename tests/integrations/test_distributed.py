@@ -19,9 +19,10 @@ from test_averager import Oracle
 from test_averager_peft import tiny_base
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from emalora_fast import BEMA, EMA, peft_utils
+from emalora_fast import BEMA, EMA
 from emalora_fast import _dispatch as dispatch
-from emalora_fast.integrations.distributed import unwrap_model
+from emalora_fast.averaging import peft_utils
+from emalora_fast.distributed import unwrap_model
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

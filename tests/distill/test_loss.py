@@ -565,7 +565,7 @@ def test_custom_ignore_index(backend):
 
 @pytest.mark.skipif(not cpp_available(), reason="emalora_fast._C is not built")
 def test_auto_backend_on_cpu_is_cpp(monkeypatch):
-    import emalora_fast.loss as loss_module
+    import emalora_fast.distill.loss as loss_module
 
     assert loss_module._choose_backend("auto", "cpu", False) == "cpp"
 
@@ -612,7 +612,7 @@ def test_triton_backward_overwrites_poisoned_output(divergence):
 @pytest.mark.skipif(not cpp_available(), reason="emalora_fast._C is not built")
 def test_cpp_outputs_are_fully_written():
     """Ignored rows get zeros in loss, stats and gradient even when their logits are NaN."""
-    from emalora_fast.loss import _cpp_ops
+    from emalora_fast.distill.loss import _cpp_ops
 
     ops = _cpp_ops()
     s, t = _logits(6, 1500)
@@ -668,7 +668,7 @@ def test_gradcheck_float64(backend, case):
 @pytest.mark.parametrize("divergence", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(divergence, dtype):
-    from emalora_fast.loss import _cpp_ops
+    from emalora_fast.distill.loss import _cpp_ops
 
     ops = _cpp_ops()
     s, t = _logits(5, 300)

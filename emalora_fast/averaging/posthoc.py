@@ -4,7 +4,7 @@
 arXiv 2312.02696), all updated in the one fused launch of the averagers, and saves them as
 safetensors snapshots every N steps. After training, :meth:`PostHocEMA.synthesize` rebuilds the
 average of any other profile (any relative width ``sigma_rel``, at any snapshot step) as the
-least-squares combination of the snapshots (:mod:`emalora_fast.posthoc_math`); it can be
+least-squares combination of the snapshots (:mod:`emalora_fast.averaging.posthoc_math`); it can be
 swapped into the model or saved as a peft adapter like any average. LoRA adapters are small
 (41.9 M values for Llama-3-8B r=16 all-linear), so a snapshot costs little next to the model.
 """
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _dispatch, peft_utils, posthoc_math
-from ._averager_core import Averager
-from ._checks import check_float, check_int
-from .integrations import distributed
+from .. import _dispatch, distributed
+from .._checks import check_float, check_int
+from . import peft_utils, posthoc_math
+from .core import Averager
 
 __all__ = ["PostHocEMA"]
 

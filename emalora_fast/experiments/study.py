@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .experiment import StopFlag, check_writable
+from .main_job import StopFlag, check_writable
 from .runs import (
     SMOLLM2,
     VARIANTS,
@@ -37,6 +37,7 @@ from .runs import (
     ExperimentError,
     Interrupted,
     LoraRun,
+    atomic_write_json,
     load_base,
     load_texts,
     make_data,
@@ -60,7 +61,7 @@ class StudySpec:
 
     Attributes:
         name: the results folder's default name.
-        base: :class:`~emalora_fast.runs.Config` settings of every run.
+        base: :class:`~emalora_fast.experiments.runs.Config` settings of every run.
         variants: label -> ``{"variant": one of runs.VARIANTS, **Config settings}``.
         baseline: the label every other variant is paired against.
         lrs: the learning rates of the sweep.
@@ -401,14 +402,6 @@ def _load_results(study_dir: str, runs: list[RunSpec]) -> dict[str, dict]:
     return out
 
 
-def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _base_cache(study_dir: str, cfg: Config) -> str:
     """The embedded base model's file, named by the settings that define it."""
     d = {k: getattr(cfg, k) for k in (*SHARED, "batch_size")}
@@ -423,7 +416,7 @@ def run_study(
     spec: StudySpec, output_dir: str = "emalora-runs", run_name: str | None = None, *, progress=None
 ) -> dict[str, Any]:
     """Run (or continue) a study and write its results folder; returns the report's data."""
-    from .study_report import write_report
+    from .report import write_report
 
     if progress is None:
         progress = progress_bar
@@ -431,7 +424,7 @@ def run_study(
     check_writable(study_dir)
     # The folder's study.json is the study last run there; runs are keyed by their settings, so
     # a changed study (another learning rate, more seeds) reuses every run it shares.
-    _write_json(os.path.join(study_dir, "study.json"), dataclasses.asdict(spec))
+    atomic_write_json(os.path.join(study_dir, "study.json"), dataclasses.asdict(spec))
     base_cfg = spec.config(spec.baseline, lr=spec.lrs[0], seed=spec.seeds[0])
     texts = load_texts(base_cfg)
     base, encode = load_base(base_cfg, texts.pretrain, _base_cache(study_dir, base_cfg), progress)
@@ -499,5 +492,5 @@ def _train(r: RunSpec, base, data, study_dir: str, bar, stop) -> dict[str, Any]:
         "curve": curve,
         "metrics": run_metrics(curve),
     }
-    _write_json(_result_path(study_dir, r), result)
+    atomic_write_json(_result_path(study_dir, r), result)
     return result

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from emalora_fast import stats
+from emalora_fast.experiments import stats
 
 # Two-sided 95% (p = 0.975) and other quantiles of Student's t, from standard t tables.
 T_TABLE = [

@@ -9,7 +9,8 @@ import math
 
 import pytest
 
-from emalora_fast import cli, runs, stats, study
+from emalora_fast import cli
+from emalora_fast.experiments import runs, stats, study
 
 pytest.importorskip("peft")
 

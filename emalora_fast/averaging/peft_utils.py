@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .integrations import distributed
+from .. import distributed
 
 ParamFilter = Callable[[str, nn.Parameter], bool]
 

@@ -20,9 +20,10 @@ from typing import Any, Literal
 
 from torch import nn
 
-from . import _dispatch, peft_utils
-from ._averager_core import Averager
-from ._checks import check_choice, check_float
+from .. import _dispatch
+from .._checks import check_choice, check_float
+from . import peft_utils
+from .core import Averager
 from .schedules import BemaSchedule, bema_coefficients, ema_decay
 
 __all__ = ["EMA", "BEMA"]

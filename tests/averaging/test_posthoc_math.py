@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emalora_fast import posthoc_math as pm
+from emalora_fast.averaging import posthoc_math as pm
 
 
 def test_gamma_and_sigma_rel_are_inverse_and_match_the_paper():

@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-from emalora_fast import cli, data, experiment, runs
+from emalora_fast import cli
+from emalora_fast.experiments import data, runs
+from emalora_fast.experiments import main_job as experiment
 
 peft = pytest.importorskip("peft")
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _watch
+from .. import _watch
 from .loss import DistillationLoss
 
 TeacherKind = Literal["average", "base"]
@@ -85,7 +85,7 @@ class SelfDistiller:
             raise ValueError(
                 f"distill_from_step must be an integer >= 0, got {distill_from_step!r}"
             )
-        from .integrations.distributed import unwrap_model
+        from ..distributed import unwrap_model
 
         self.forward_model = model
         self.model = unwrap_model(model)

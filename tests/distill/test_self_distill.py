@@ -7,7 +7,7 @@ import torch
 from helpers import FP32_RTOL, assert_close, tiny_peft_llama
 
 from emalora_fast import BEMA, EMA, DistillationLoss, SelfDistiller, distillation_loss
-from emalora_fast.self_distill import next_token_labels
+from emalora_fast.distill.self_distill import next_token_labels
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -36,7 +36,7 @@ def snapshot(model):
 
 def fused_or_skip(fused: bool) -> bool:
     if fused:
-        pytest.importorskip("emalora_fast.fused_linear")
+        pytest.importorskip("emalora_fast.distill.fused_linear")
     return fused
 
 

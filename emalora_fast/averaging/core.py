@@ -1,6 +1,6 @@
 """The machinery shared by the averagers (EMA, BEMA, PostHocEMA): parameter selection, flat
 fp32 state per (device, dtype) group, one kernel launch per group and update, swaps, export.
-See :mod:`emalora_fast.averager` for what is averaged and how.
+See :mod:`emalora_fast.averaging.ema` for what is averaged and how.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _dispatch, _watch, peft_utils, reference
-from ._averager_state import StateMixin
-from ._checks import check_choice, check_int, check_param
-from .integrations import distributed
+from .. import _dispatch, _watch, distributed, reference
+from .._checks import check_choice, check_int, check_param
+from . import peft_utils
+from .state import StateMixin
 
 
 @dataclass

@@ -28,7 +28,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block: sm_90 227 KB, sm_80 163 KB
 TIMEOUT = 1800
 

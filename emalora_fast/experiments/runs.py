@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import torch
 
+from ..averaging.ema import BEMA, EMA
 from . import data as corpora
-from .averager import BEMA, EMA
 
 Teacher = Literal["none", "ema", "bema"]
 VARIANTS: dict[str, Teacher] = {
@@ -389,6 +389,15 @@ def atomic_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_json(path: str, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path`` (folders created), written whole or not at all."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
 # ------------------------------------------------------------------------------------------
 # Training
 
@@ -431,7 +440,7 @@ class LoraRun:
         if cfg.posthoc_sigma_rels:
             if workdir is None:
                 raise ExperimentError("posthoc_sigma_rels needs a run folder for the snapshots")
-            from .posthoc import PostHocEMA
+            from ..averaging.posthoc import PostHocEMA
 
             self.posthoc = PostHocEMA(
                 model,
@@ -443,8 +452,8 @@ class LoraRun:
         self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
         self.distiller = None
         if teacher != "none":
-            from .loss import DistillationLoss
-            from .self_distill import SelfDistiller
+            from ..distill.loss import DistillationLoss
+            from ..distill.self_distill import SelfDistiller
 
             loss_fn = DistillationLoss(
                 divergence=cfg.divergence, beta=cfg.beta, temperature=cfg.temperature
