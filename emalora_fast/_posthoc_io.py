@@ -107,32 +107,34 @@ _UMASK_LOCK = threading.Lock()
 
 
 def write_atomic(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str) -> None:
-    """Write a safetensors file at ``path`` through ``path + '.tmp'`` (removed on failure)."""
+    """Write a safetensors file at ``path`` through ``path + '.tmp'``."""
     from safetensors.torch import save_file
 
     tmp = path + ".tmp"
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates the file with mode 0600
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        remove_files(os.path.dirname(tmp), [os.path.basename(tmp)])
-        raise
+    save_file(tensors, tmp, metadata=meta)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates the file with mode 0600
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def write_snapshot(
     tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str, suffix: str
 ) -> None:
-    """The writer's job: check that the directory still belongs to this run, then write."""
-    owner = read_run_id(os.path.dirname(path), suffix)
+    """The writer's job: check that the directory still belongs to this run, then write (a
+    failed write leaves no ``.tmp`` file behind)."""
+    directory = os.path.dirname(path)
+    owner = read_run_id(directory, suffix)
     if owner != meta["run_id"]:
         raise RuntimeError(
             f"the snapshot directory now belongs to run {owner} (another averager was created "
             f"on it with overwrite=True?), not to this run {meta['run_id']}"
         )
-    write_atomic(tensors, meta, path)
+    try:
+        write_atomic(tensors, meta, path)
+    except BaseException:
+        remove_files(directory, [os.path.basename(path) + ".tmp"])
+        raise
 
 
 def read_snapshot(path: str, run_id: str) -> dict[str, torch.Tensor]:

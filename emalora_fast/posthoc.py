@@ -407,7 +407,6 @@ class PostHocEMA(Averager):
             raise ValueError(message)
         warnings.warn(message, ReconstructionWarning, stacklevel=3)
 
-    @torch.no_grad()
     def synthesize(
         self,
         sigma_rel: float,
@@ -429,25 +428,28 @@ class PostHocEMA(Averager):
             under FSDP2), summed in float64 on the host.
         """
         self.flush()
-        target, entries, weights, error = self._plan(sigma_rel, step)
-        self._check_error(sigma_rel, step, target, error, max_error, strict)
-        sums = {n: None for n in self._names}
-        by_file: dict[str | None, list[tuple[int, float]]] = {}
-        for (_, k, f), w in zip(entries, weights, strict=True):
-            by_file.setdefault(f, []).append((k, float(w)))
-        live = {n: v for g in self._groups for n, v in zip(g.names, g.views["ema"], strict=True)}
-        for f, ks in by_file.items():
-            loaded = None
-            if f is not None:
-                path = os.path.join(self.snapshot_dir, f)
-                loaded = _posthoc_io.read_snapshot(path, self.run_id)
-            for n in self._names:
-                for k, w in ks:
-                    src = live[n][k].cpu() if loaded is None else loaded[f"{k}/{n}"]
-                    term = src.double() * w
-                    sums[n] = term if sums[n] is None else sums[n].add_(term)
-        devices = {n: v.device for n, v in live.items()}
-        return {n: t.to(devices[n], torch.float32) for n, t in sums.items()}
+        with torch.no_grad():
+            target, entries, weights, error = self._plan(sigma_rel, step)
+            self._check_error(sigma_rel, step, target, error, max_error, strict)
+            sums = {n: None for n in self._names}
+            by_file: dict[str | None, list[tuple[int, float]]] = {}
+            for (_, k, f), w in zip(entries, weights, strict=True):
+                by_file.setdefault(f, []).append((k, float(w)))
+            live = {
+                n: v for g in self._groups for n, v in zip(g.names, g.views["ema"], strict=True)
+            }
+            for f, ks in by_file.items():
+                loaded = None
+                if f is not None:
+                    path = os.path.join(self.snapshot_dir, f)
+                    loaded = _posthoc_io.read_snapshot(path, self.run_id)
+                for n in self._names:
+                    for k, w in ks:
+                        src = live[n][k].cpu() if loaded is None else loaded[f"{k}/{n}"]
+                        term = src.double() * w
+                        sums[n] = term if sums[n] is None else sums[n].add_(term)
+            devices = {n: v.device for n, v in live.items()}
+            return {n: t.to(devices[n], torch.float32) for n, t in sums.items()}
 
     def _synthesized_views(self, sigma_rel: float, step: int | None, **kw) -> list:
         tensors = self.synthesize(sigma_rel, step, **kw)
