@@ -174,17 +174,28 @@ class SnapshotWriter:
     def __init__(self, max_pending: int) -> None:
         self.max_pending = max_pending
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: deque[tuple[int, str, Future]] = deque()  # (step, path, future)
+        self._pending: deque[tuple[int, str, Future, list]] = deque()  # step, path, future, bufs
+        self._free: list[list[torch.Tensor]] = []  # host buffers of finished writes, for reuse
         self._failures: list[tuple[int, str, BaseException]] = []
         self._written: list[tuple[int, str]] = []
 
-    def submit(self, step: int, path: str, fn, *args) -> None:
-        """Queue ``fn(*args)`` (the write of snapshot ``step`` to ``path``); call
-        :meth:`wait_for_room` first, before the host copy is taken."""
+    def host_buffers(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Host tensors shaped like ``like`` for the next snapshot: those of a finished write
+        when their shapes fit (no allocation per snapshot), else new ones. Call
+        :meth:`wait_for_room` first."""
+        while self._free:
+            bufs = self._free.pop()
+            if [b.shape for b in bufs] == [t.shape for t in like]:
+                return bufs
+        return [torch.empty(t.shape, dtype=t.dtype) for t in like]
+
+    def submit(self, step: int, path: str, buffers: list[torch.Tensor], fn, *args) -> None:
+        """Queue ``fn(*args)``, the write of snapshot ``step`` to ``path`` from ``buffers``
+        (from :meth:`host_buffers`; reused once the write is finished)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="posthoc-ema")
         _OPEN.add(self)
-        self._pending.append((step, path, self._executor.submit(fn, *args)))
+        self._pending.append((step, path, self._executor.submit(fn, *args), buffers))
 
     def wait_for_room(self) -> None:
         """Back-pressure: block until fewer than ``max_pending`` writes are in flight."""
@@ -194,7 +205,8 @@ class SnapshotWriter:
 
     def _reap_done(self) -> None:
         while self._pending and self._pending[0][2].done():
-            step, path, fut = self._pending.popleft()
+            step, path, fut, buffers = self._pending.popleft()
+            self._free.append(buffers)
             exc = fut.exception()
             if exc is None:
                 self._written.append((step, path))
@@ -212,7 +224,7 @@ class SnapshotWriter:
 
     def wait_all(self) -> list[tuple[int, str]]:
         """Wait for every queued write; returns those written since the last reap."""
-        for _, _, fut in list(self._pending):
+        for _, _, fut, _ in list(self._pending):
             fut.exception()
         return self.reap()
 
@@ -224,13 +236,15 @@ class SnapshotWriter:
 
     @property
     def pending_steps(self) -> list[int]:
-        return [s for s, _, f in self._pending if not f.done()]
+        return [s for s, _, f, _ in self._pending if not f.done()]
 
     def shutdown(self) -> None:
         """Stop the worker thread once its queue is written (a later submit starts another)."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self._reap_done()
+        self._free.clear()
 
 
 _OPEN: set[SnapshotWriter] = set()  # writers with writes in flight or failures not reported

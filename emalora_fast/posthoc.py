@@ -58,8 +58,9 @@ class PostHocEMA(Averager):
     ``snapshot_every=10`` snapshot at 12, 21, 30, 42, ... A background thread writes each file
     from a host copy, atomically. At most ``max_pending`` writes are in flight: the next snapshot
     waits for room before copying, so the host memory held by snapshots is at most
-    ``max_pending * K * P * 4`` bytes (K profiles, P averaged elements; the file is written from
-    that copy without another one). :attr:`snapshots` lists only files written; a failed write is
+    ``max_pending * K * P * 4`` bytes (K profiles, P averaged elements): host buffers allocated
+    once, reused from one snapshot to the next and freed by :meth:`close`; the file is written
+    from them without another copy. :attr:`snapshots` lists only files written; a failed write is
     raised (:class:`SnapshotWriteError`, every failure listed) by the next :meth:`update` (before
     it changes anything), or at the latest by :meth:`flush`, :meth:`close`, :meth:`synthesize`,
     :meth:`state_dict`, or at interpreter exit (printed, exit status 1).
@@ -283,9 +284,10 @@ class PostHocEMA(Averager):
         self._own_directory()
         self._index(self._writer.reap())  # failures wait for the next update or flush()
         self._writer.wait_for_room()
+        buffers = self._writer.host_buffers([g.ema for g in self._groups])
         tensors = {}
-        for g in self._groups:
-            host = g.ema.detach().to("cpu", copy=True)  # [K, P], one copy per group
+        for g, host in zip(self._groups, buffers, strict=True):
+            host.copy_(g.ema.detach())  # [K, P], one copy per group
             shapes = [v.shape[1:] for v in g.views["ema"]]
             for k in range(self._profiles):
                 for name, view in zip(g.names, _split(host[k], shapes), strict=True):
@@ -299,7 +301,7 @@ class PostHocEMA(Averager):
         }
         path = os.path.join(self.snapshot_dir, _posthoc_io.snapshot_name(self.step, self._suffix))
         self._writer.submit(
-            self.step, path, _posthoc_io.write_snapshot, tensors, meta, path, self._suffix
+            self.step, path, buffers, _posthoc_io.write_snapshot, tensors, meta, path, self._suffix
         )
 
     def flush(self) -> None:
