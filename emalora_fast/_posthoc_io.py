@@ -245,6 +245,8 @@ class SnapshotWriter:
             self._executor = None
         self._reap_done()
         self._free.clear()
+        if not self._pending and not self._failures:
+            _OPEN.discard(self)
 
 
 _OPEN: set[SnapshotWriter] = set()  # writers with writes in flight or failures not reported

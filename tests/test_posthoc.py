@@ -410,3 +410,56 @@ def test_state_of_an_older_version_is_refused(tmp_path):
         PostHocEMA(
             Bag(), snapshot_every=2, snapshot_dir=tmp_path / "b", param_filter=ALL
         ).load_state_dict(state)
+
+
+KILLED = """
+import sys, time, torch
+from torch import nn
+from emalora_fast import PostHocEMA
+from emalora_fast import _posthoc_io as io
+def hang(tensors, meta, path):
+    with open(path + ".tmp", "wb") as f:
+        f.write(b"half a file")
+    print("writing", flush=True)
+    time.sleep(600)
+model = nn.Linear(4, 3)
+ph = PostHocEMA(model, snapshot_every=5, snapshot_dir=sys.argv[1], param_filter=lambda n, p: True)
+for t in range(1, 16):
+    with torch.no_grad():
+        model.weight.add_(0.1)
+    ph.update(step=t)
+    if t == 10:
+        torch.save({"ph": ph.state_dict(), "weight": model.weight.detach().clone()}, sys.argv[2])
+        io.write_atomic = hang
+time.sleep(600)
+"""
+
+
+def test_a_killed_run_resumes_and_its_tmp_file_is_removed(tmp_path):
+    script, snaps, state = tmp_path / "run.py", tmp_path / "snaps", tmp_path / "state.pt"
+    script.write_text(KILLED)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, str(script), str(snaps), str(state)], env=env,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.kill()  # SIGKILL: no atexit, no cleanup
+        proc.wait(60)
+    assert (snaps / "snapshot-000000015.safetensors.tmp").exists()
+    saved = torch.load(state, weights_only=True)
+    model = nn.Linear(4, 3)
+    ph = PostHocEMA(model, snapshot_every=5, snapshot_dir=snaps, param_filter=ALL)
+    ph.load_state_dict(saved["ph"])
+    assert not (snaps / "snapshot-000000015.safetensors.tmp").exists()
+    assert ph.snapshots == [5, 10] and ph.step == 10
+    with torch.no_grad():
+        model.weight.copy_(saved["weight"])
+    for t in range(11, 16):
+        with torch.no_grad():
+            model.weight.add_(0.1)
+        ph.update(step=t)
+    ph.flush()
+    assert ph.snapshots == [5, 10, 15]
+    with safe_open(str(snaps / "snapshot-000000015.safetensors"), "pt") as f:
+        assert f.metadata()["run_id"] == saved["ph"]["run_id"]
