@@ -7,7 +7,7 @@
 from . import _moved
 from ._dispatch import BackendUnavailableError
 from .averaging.ema import BEMA, EMA
-from .averaging.posthoc import PostHocEMA
+from .averaging.posthoc import PostHocEMA, ReconstructionWarning, SnapshotWriteError
 from .averaging.schedules import bema_coefficients, ema_decay
 from .distill.fused_linear import FusedLinearDistillationLoss, fused_linear_distillation_loss
 from .distill.loss import DistillationLoss, distillation_loss
@@ -41,8 +41,10 @@ __all__ = [
     "DistillationLoss",
     "FusedLinearDistillationLoss",
     "PostHocEMA",
+    "ReconstructionWarning",
     "SelfDistillationTrainer",
     "SelfDistiller",
+    "SnapshotWriteError",
     "bema_coefficients",
     "distillation_loss",
     "ema_decay",

@@ -22,6 +22,7 @@ MOVED = {
     "emalora_fast._averager_state": "emalora_fast.averaging.state",
     "emalora_fast.posthoc": "emalora_fast.averaging.posthoc",
     "emalora_fast.posthoc_math": "emalora_fast.averaging.posthoc_math",
+    "emalora_fast._posthoc_io": "emalora_fast.averaging.posthoc_io",
     "emalora_fast.schedules": "emalora_fast.averaging.schedules",
     "emalora_fast.peft_utils": "emalora_fast.averaging.peft_utils",
     "emalora_fast.loss": "emalora_fast.distill.loss",

@@ -447,6 +447,7 @@ class LoraRun:
                 (0.05, 0.28),
                 snapshot_every=cfg.eval_every,
                 snapshot_dir=os.path.join(workdir, "posthoc-snapshots"),
+                overwrite=True,  # the run folder is this run's: a restart from scratch owns it
             )
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)

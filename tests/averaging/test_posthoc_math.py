@@ -75,3 +75,67 @@ def test_reconstruction_of_an_untrained_profile_from_snapshots():
     assert pm.reconstruction_error(times, kinds, steps, target) < 0.05
     # A snapshot profile itself is rebuilt exactly.
     assert pm.reconstruction_error(times, kinds, steps, gammas[0]) < 1e-6
+
+
+def edm2_masses(updates: np.ndarray, t: float, g: float) -> np.ndarray:
+    """Weights of the updates at ``updates`` in the average at update time t, run step by step
+    with EDM2's beta = (1 - delta/s)**(g+1) on unit vectors (float64)."""
+    w, prev = np.zeros(updates.size), 0.0
+    for k, s in enumerate(updates[updates <= t]):
+        b = (1 - (s - prev) / s) ** (g + 1)
+        w *= b
+        w[k] = 1 - b
+        prev = s
+    return w
+
+
+@pytest.mark.parametrize("kind", ["every3", "irregular", "dense"])
+def test_discrete_gram_is_the_inner_product_of_the_edm2_masses(kind):
+    rng = np.random.default_rng()
+    u = {
+        "every3": np.arange(3.0, 301.0, 3.0),
+        "irregular": np.cumsum(rng.integers(1, 9, size=120)).astype(np.float64),
+        "dense": np.arange(1.0, 2001.0),
+    }[kind]
+    pick = rng.choice(u.size, size=5, replace=False)
+    times = np.append(u[pick], u[-1])
+    gammas = np.array([16.97, 0.3, 6.94, 16.97, 250.0, 2.0])
+    delta = np.diff(np.concatenate([[0.0], u]))
+    m = np.stack([edm2_masses(u, t, g) for t, g in zip(times, gammas, strict=True)])
+    want = (m / delta) @ m.T
+    got = pm.discrete_gram(u, times, gammas, chunk=17)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15 * np.abs(want).max())
+    # The masses of a profile sum to 1 whatever the pattern.
+    np.testing.assert_allclose(m.sum(axis=1), 1.0, rtol=1e-12)
+    if kind == "dense":  # many small steps: EDM2's continuous inner product
+        cont = pm.profile_inner(times[:, None], gammas[:, None], times[None, :], gammas[None, :])
+        keep = gammas < 100  # g = 250 is a few steps wide: still discrete at 2,000 steps
+        np.testing.assert_allclose(got[np.ix_(keep, keep)], cont[np.ix_(keep, keep)], rtol=0.02)
+        assert np.all(got <= cont * (1 + 1e-12))  # Cauchy-Schwarz on each interval
+
+
+def test_discrete_reconstruction_is_the_weighted_least_squares_of_the_masses():
+    rng = np.random.default_rng()
+    u = np.cumsum(rng.integers(1, 6, size=150)).astype(np.float64)
+    delta = np.diff(np.concatenate([[0.0], u]))
+    snaps = u[14::15]
+    times = np.repeat(snaps, 2)
+    gammas = np.tile([pm.gamma_of(0.05), pm.gamma_of(0.28)], snaps.size)
+    basis = np.stack([edm2_masses(u, t, g) for t, g in zip(times, gammas, strict=True)])
+    for sig in (0.1, 0.2, 0.02):
+        target = edm2_masses(u, u[-1], pm.gamma_of(sig))
+        w = 1 / np.sqrt(delta)
+        x_ref, *_ = np.linalg.lstsq((basis * w).T, target * w, rcond=None)
+        x, err = pm.reconstruct(times, gammas, u[-1], pm.gamma_of(sig), updates=u)
+        np.testing.assert_allclose(x @ basis, x_ref @ basis, atol=1e-9)
+        r = target - x_ref @ basis
+        assert err == pytest.approx(np.sqrt((r**2 / delta).sum() / (target**2 / delta).sum()),
+                                    rel=1e-6, abs=1e-9)  # fmt: skip
+    with pytest.raises(ValueError, match="not update times"):
+        pm.discrete_gram(u, [u[3] + 0.5], [1.0])
+
+
+def test_power_beta_after_a_gap():
+    assert pm.power_beta(12, 3.0, 3) == pytest.approx((1 - 3 / 12) ** 4, rel=1e-15)
+    assert pm.power_beta(7, 5.0, 7) == 0.0  # the first update copies
+    assert pm.power_beta(9, 2.0) == pytest.approx((8 / 9) ** 3, rel=1e-15)

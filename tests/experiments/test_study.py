@@ -270,5 +270,6 @@ def test_posthoc_phase_rebuilds_every_width_from_one_run(tmp_path):
         plain, posthoc = by[("lora", None, seed)], by[("lora", "posthoc", seed)]
         assert plain["student/test"] == posthoc["student/test"]
         assert set(posthoc["posthoc"]) == {"0.05", "0.2"}
-    snaps = sorted(p.name for p in (d / "runs").glob("lora+posthoc*seed0*/posthoc-snapshots/*"))
+    found = (d / "runs").glob("lora+posthoc*seed0*/posthoc-snapshots/snapshot-*")
+    snaps = sorted(p.name for p in found)
     assert snaps == [f"snapshot-{s:09d}.safetensors" for s in (2, 4, 6)]
