@@ -14,11 +14,13 @@ from .self_distill import SelfDistiller
 
 __version__ = "0.1.0"
 
-# The transformers integration imports transformers: loaded on first use.
+# The integrations import transformers / Lightning: loaded on first use.
 _LAZY = {
+    "AdapterWeightAveraging": "integrations.lightning",
     "AveragerCallback": "integrations.transformers",
     "AveragingTrainer": "integrations.transformers",
     "SelfDistillationTrainer": "integrations.transformers",
+    "get_ema_multi_avg_fn": "integrations.swa_utils",
 }
 
 
@@ -31,6 +33,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AdapterWeightAveraging",
     "AveragerCallback",
     "AveragingTrainer",
     "BEMA",
@@ -45,4 +48,5 @@ __all__ = [
     "distillation_loss",
     "ema_decay",
     "fused_linear_distillation_loss",
+    "get_ema_multi_avg_fn",
 ]

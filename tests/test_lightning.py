@@ -28,7 +28,9 @@ def tiny_peft_mlp(seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    base = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    base = nn.Sequential(
+        nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)
+    )
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["0", "2", "4"]))
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -41,25 +43,33 @@ def adapter(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-class Lit(pl.LightningModule):
-    def __init__(self, model, lr: float = 0.05):
-        super().__init__()
-        self.model, self.lr = model, lr
-        self.seen_in_validation: dict[int, dict[str, torch.Tensor]] = {}
+def lit_class(lightning):
+    """The test's LightningModule, for ``lightning.pytorch`` or ``pytorch_lightning``."""
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.mse_loss(self.model(x), y)
+    class Lit(lightning.LightningModule):
+        def __init__(self, model, lr: float = 0.05):
+            super().__init__()
+            self.model, self.lr = model, lr
+            self.seen_in_validation: dict[int, dict[str, torch.Tensor]] = {}
 
-    def validation_step(self, batch, batch_idx):
-        if batch_idx == 0:
-            self.seen_in_validation[self.trainer.global_step] = adapter(self.model)
-        x, y = batch
-        return F.mse_loss(self.model(x), y)
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.mse_loss(self.model(x), y)
 
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr)
+        def validation_step(self, batch, batch_idx):
+            if batch_idx == 0:
+                self.seen_in_validation[self.trainer.global_step] = adapter(self.model)
+            x, y = batch
+            return F.mse_loss(self.model(x), y)
+
+        def configure_optimizers(self):
+            params = [p for p in self.parameters() if p.requires_grad]
+            return torch.optim.AdamW(params, lr=self.lr)
+
+    return Lit
+
+
+Lit = lit_class(pl)
 
 
 class Recorder(pl.Callback):
@@ -82,10 +92,10 @@ def loaders(seed: int = 1):
     return torch.utils.data.DataLoader(train, batch_size=BATCH), torch.utils.data.DataLoader(valid)
 
 
-def fit(callbacks, epochs=3, val=False, ckpt_path=None, model=None, **trainer_kwargs):
-    lit = Lit(model if model is not None else tiny_peft_mlp())
+def fit(callbacks, epochs=3, val=False, ckpt_path=None, model=None, lightning=pl, **trainer_kwargs):
+    lit = (Lit if lightning is pl else lit_class(lightning))(model or tiny_peft_mlp())
     train, valid = loaders()
-    trainer = pl.Trainer(
+    trainer = lightning.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
@@ -120,11 +130,12 @@ def test_ema_equals_float64_and_lightnings_own(seed):
     """K = 2 decays, accumulation 2, every 2nd step from step 3: ours and EMAWeightAveraging
     against a float64 EMA of the recorded live tensors."""
     decays, every, start = (0.7, 0.9), 2, 3
-    ours = AdapterWeightAveraging(
-        decays, update_every_n_steps=every, update_starting_at_step=start
-    )
+    ours = AdapterWeightAveraging(decays, update_every_n_steps=every, update_starting_at_step=start)
     theirs = pl.callbacks.EMAWeightAveraging(
-        decay=decays[1], update_every_n_steps=every, update_starting_at_step=start, use_buffers=False
+        decay=decays[1],
+        update_every_n_steps=every,
+        update_starting_at_step=start,
+        use_buffers=False,
     )
     rec = Recorder()
     trainer, lit = fit([ours, theirs, rec], epochs=4, accumulate_grad_batches=2)
@@ -204,6 +215,50 @@ def test_epoch_start(seed):
     got = cb.averager.averaged_state_dict()
     for n, r in ref.items():
         assert_close(got[n], r, rtol=1e-5, what=n)
+
+
+def test_standalone_pytorch_lightning_trainer(seed):
+    """The same callback in ``pytorch_lightning``'s Trainer (the other import name)."""
+    ptl = pytest.importorskip("pytorch_lightning")
+    cb = AdapterWeightAveraging(0.8)
+    rec = ptl.Callback()
+    rec.live, rec.on_train_batch_end = [], Recorder.on_train_batch_end.__get__(rec)
+    fit([cb, rec], epochs=1, lightning=ptl)
+    ref = lightning_ema(rec.live, 0.8)[-1]
+    got = cb.averager.averaged_state_dict()
+    for n, r in ref.items():
+        assert_close(got[n], r, rtol=1e-5, what=n)
+
+
+def test_example_runs(tmp_path):
+    """examples/lightning_train.py at a tiny size; its averaged adapter loads with peft."""
+    import runpy
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "lightning_train.py"))
+    tiny = ["--batches", "3", "--batch-size", "2", "--seq-len", "16", "--hidden", "32"]
+    cb = example["main"]([*tiny, "--epochs", "1", "--out", str(tmp_path)])
+    assert cb.averager.step == 3
+    assert list((tmp_path / "checkpoints").glob("*.ckpt"))  # what --resume continues from
+    base = cb.averager.model.base_model.model
+    loaded = PeftModel.from_pretrained(base, tmp_path, adapter_name="loaded")
+    saved = {n: p for n, p in loaded.named_parameters() if ".loaded." in n}
+    for n, t in cb.averager.averaged_state_dict().items():
+        assert torch.equal(saved[n.replace(".default.", ".loaded.")], t), n
+
+
+def test_import_does_not_import_lightning():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, emalora_fast, emalora_fast.integrations.swa_utils; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def _held_bytes(obj, model: nn.Module) -> int:
