@@ -16,10 +16,22 @@ except ImportError:
     pl = pytest.importorskip("pytorch_lightning")
 from helpers import assert_close
 
+from emalora_fast.benchmarks.lightning import held_bytes
 from emalora_fast.integrations.lightning import AdapterWeightAveraging
 from emalora_fast.integrations.swa_utils import get_ema_multi_avg_fn
 
 EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than two (and steadier on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 N_TRAIN, BATCH = 24, 4  # 6 batches an epoch
 
 
@@ -261,29 +273,6 @@ def test_import_does_not_import_lightning():
     assert out.stdout.strip() == "[]"
 
 
-def _held_bytes(obj, model: nn.Module) -> int:
-    """Bytes of the tensor storages reachable from ``obj`` that are not the model's own."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen_obj, storages = set(), {}
-    stack = [obj]
-    while stack:
-        o = stack.pop()
-        if id(o) in seen_obj or isinstance(o, nn.Module):
-            continue
-        seen_obj.add(id(o))
-        if isinstance(o, torch.Tensor):
-            s = o.untyped_storage()
-            if s.data_ptr() not in own:
-                storages[s.data_ptr()] = s.nbytes()
-        elif isinstance(o, dict):
-            stack += list(o.values())
-        elif isinstance(o, (list, tuple, set)):
-            stack += list(o)
-        elif type(o).__module__.startswith("emalora_fast") and hasattr(o, "__dict__"):
-            stack += list(vars(o).values())
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("decays", [0.9, (0.5, 0.9, 0.99)])
 def test_extra_memory_is_the_averaged_tensors(decays):
     """After a fit with validation (the swap's copy of the live values allocated), the callback
@@ -292,7 +281,7 @@ def test_extra_memory_is_the_averaged_tensors(decays):
     _, lit = fit([cb], epochs=1, val=True)
     k = 1 if isinstance(decays, float) else len(decays)
     adapter_bytes = sum(t.nbytes for t in adapter(lit.model).values())
-    held = _held_bytes(cb, lit)
+    held = held_bytes(cb, lit)
     assert k * adapter_bytes <= held <= (k + 1) * adapter_bytes + 64
 
 

@@ -189,6 +189,7 @@ class AdapterWeightAveraging(Callback):
             else _first_step(update_starting_at_step or 0, update_every_n_steps)
         )
         self._swap = ExitStack()
+        self._swapped = False
 
     # ----------------------------------------------------------------------------------------
     # Set-up
@@ -279,11 +280,13 @@ class AdapterWeightAveraging(Callback):
     # Validation and test on the averaged weights
 
     def _swap_in(self) -> None:
-        if self.averager is not None:
+        if self.averager is not None and not self._swapped:
             self._swap.enter_context(self.averager.swapped(self.profile))
+            self._swapped = True
 
     def _swap_out(self) -> None:
         self._swap.close()
+        self._swapped = False
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._swap_in()
@@ -306,7 +309,7 @@ class AdapterWeightAveraging(Callback):
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         if self.averager is None:
             return
-        if self._swap._exit_callbacks:
+        if self._swapped:
             raise RuntimeError(
                 "a checkpoint is being saved while the averaged weights are swapped in for "
                 "evaluation; save it outside validation/test (e.g. ModelCheckpoint's defaults)"
