@@ -218,6 +218,27 @@ def test_resume_is_bit_identical(tmp_path, averaging):
         assert torch.equal(got[n], t), n
 
 
+def test_bema_against_float64(seed):
+    """BEMA from step index 2 (theta_0 and ema taken after it): TRL's schedule in float64."""
+    cb = AdapterWeightAveraging(averaging="bema", lag=3.0, update_starting_at_step=2)
+    rec = Recorder()
+    fit([cb, rec], epochs=2)
+    live64 = [{n: t.double() for n, t in theta.items()} for theta in rec.live]
+    for i, theta in enumerate(live64):  # i = t - 1, t the global step
+        t = i + 1
+        if i == 2:
+            ema, theta0 = dict(theta), dict(theta)
+            bema = dict(theta)
+        elif i > 2:
+            beta, alpha = max((3.0 + t) ** -0.5, 0.0), (3.0 + t) ** -0.2
+            ema = {n: (1 - beta) * ema[n] + beta * x for n, x in theta.items()}
+            bema = {n: ema[n] + alpha * (x - theta0[n]) for n, x in theta.items()}
+    got = cb.averager.averaged_state_dict()
+    for n, r in bema.items():
+        assert_close(got[n], r, rtol=1e-5, what=n)
+        assert not torch.equal(got[n].double(), live64[-1][n])
+
+
 def test_epoch_start(seed):
     """update_starting_at_epoch=1: the average starts at the first step of epoch 1."""
     cb = AdapterWeightAveraging(0.8, update_starting_at_epoch=1)
@@ -261,6 +282,15 @@ def test_example_runs(tmp_path):
         assert torch.equal(saved[n.replace(".default.", ".loaded.")], t), n
 
 
+def test_top_level_exports():
+    import emalora_fast
+    from emalora_fast import AdapterWeightAveraging as A
+    from emalora_fast import get_ema_multi_avg_fn as g
+
+    assert A is AdapterWeightAveraging and g is get_ema_multi_avg_fn
+    assert {"AdapterWeightAveraging", "get_ema_multi_avg_fn"} <= set(emalora_fast.__all__)
+
+
 def test_import_does_not_import_lightning():
     import subprocess
     import sys
@@ -300,6 +330,8 @@ def test_bad_input_raises_before_anything_changes():
         fit([AdapterWeightAveraging(0.9, teacher_adapter="t")], epochs=1, model=frozen)
     after = dict(frozen.named_parameters())
     assert sorted(after) == sorted(before)  # no teacher adapter was added
+    with pytest.raises(ValueError, match="profile"):
+        AdapterWeightAveraging((0.9, 0.99), profile=0.5)
     cb = AdapterWeightAveraging(0.9)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     fsdp = pl.strategies.FSDPStrategy()

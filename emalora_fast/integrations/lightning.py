@@ -31,7 +31,7 @@ from torch import nn
 
 from .. import _dispatch, peft_utils
 from .._averager_core import Averager
-from .._checks import check_choice, check_int
+from .._checks import check_choice, check_int, is_int
 from ..averager import BEMA, EMA, _check_decays
 
 try:
@@ -159,9 +159,19 @@ class AdapterWeightAveraging(Callback):
         check_choice("backend", backend, _dispatch.BACKENDS)
         cls = EMA if averaging == "ema" else BEMA
         if averaging == "ema":
-            _check_decays(0.999 if decay is None else decay)
+            decays = _check_decays(0.999 if decay is None else decay)
         elif decay is not None:
             raise ValueError('decay= is an EMA setting; BEMA (averaging="bema") has ema_power=')
+        else:
+            decays = ()
+        index_ok = is_int(profile) and 0 <= profile < max(len(decays), 1)
+        if profile is not None and not (
+            index_ok or (isinstance(profile, float) and profile in decays)
+        ):
+            raise ValueError(
+                f"profile must be an index in [0, {max(len(decays), 1)}) or one of the decays "
+                f"{list(decays)}, got {profile!r}"
+            )
         accepted = set(inspect.signature(cls).parameters) - _OWN
         unknown = sorted(set(averager_kwargs) - accepted)
         if unknown:
@@ -248,8 +258,6 @@ class AdapterWeightAveraging(Callback):
             backend=self.backend,
             **kwargs,
         )
-        if self.profile is not None:
-            self.averager._profile_index(self.profile)  # a bad profile fails here, not later
 
     # ----------------------------------------------------------------------------------------
     # Training
