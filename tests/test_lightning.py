@@ -14,7 +14,7 @@ try:
     import lightning.pytorch as pl
 except ImportError:
     pl = pytest.importorskip("pytorch_lightning")
-from helpers import assert_close
+from helpers import assert_close, backend_or_skip
 
 from emalora_fast.benchmarks.lightning import held_bytes
 from emalora_fast.integrations.lightning import AdapterWeightAveraging
@@ -345,18 +345,22 @@ def test_bad_input_raises_before_anything_changes():
 # multi_avg_fn
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("decay", [0.9, 0.999])
-def test_multi_avg_fn_equals_torch(dtype, decay):
+def test_multi_avg_fn_equals_torch(dtype, decay, backend):
     """Same result as torch's get_ema_multi_avg_fn, within fp32 rounding (see the bound)."""
-    shapes = [(7, 3), (1,), (129,), (16, 33)]
+    backend_or_skip(backend)
+    shapes = [(7, 3), (1,), (129,), (16, 33), (1100,)]
     ema = [torch.randn(s).mul(3).to(dtype) for s in shapes]
     ref = [e.clone() for e in ema]
     ref64 = [e.double() for e in ema]
-    ours, theirs = get_ema_multi_avg_fn(decay), torch_ema_multi_avg_fn(decay)
+    ours, theirs = get_ema_multi_avg_fn(decay, backend=backend), torch_ema_multi_avg_fn(decay)
     steps, top = 6, 0.0
+    cur = [torch.empty(s, dtype=dtype) for s in shapes]  # parameters, changed in place
     for _ in range(steps):
-        cur = [torch.randn(s).mul(3).to(dtype) for s in shapes]
+        for c in cur:
+            c.copy_(torch.randn(c.shape).mul(3))
         ours(ema, cur, torch.tensor(1))
         theirs(ref, cur, torch.tensor(1))
         ref64 = [decay * e + (1 - decay) * c.double() for e, c in zip(ref64, cur)]
@@ -369,7 +373,7 @@ def test_multi_avg_fn_equals_torch(dtype, decay):
     for e, r, r64 in zip(ema, ref, ref64):
         assert (e.double() - r.double()).abs().max().item() <= bound
         assert (e.double() - r64).abs().max().item() <= bound
-    assert len(ours._slots) == 1  # built once for these storages
+    assert len(ours._slots) == (0 if backend == "torch" else 1)  # built once for these storages
 
 
 def test_multi_avg_fn_in_averaged_model_reuses_its_table():
@@ -406,6 +410,23 @@ def test_multi_avg_fn_in_lightnings_weight_averaging(seed):
         assert torch.isfinite(t).all()
 
 
+def test_multi_avg_fn_keeps_the_average_where_current_is_not_finite():
+    ema = [torch.randn(40), torch.randn(3, 5)]
+    before = [e.clone() for e in ema]
+    cur = [torch.randn(40), torch.randn(3, 5)]
+    cur[0][7], cur[1][2, 1] = float("nan"), float("inf")
+    fn = get_ema_multi_avg_fn(0.9)
+    fn(ema, cur, None)
+    assert ema[0][7] == before[0][7] and ema[1][2, 1] == before[1][2, 1]
+    ref = [0.9 * b.double() + 0.1 * c.double() for b, c in zip(before, cur)]
+    ok = [torch.isfinite(c) for c in cur]
+    for e, r, m in zip(ema, ref, ok):
+        assert_close(e[m], r[m], rtol=1e-6, what="finite elements")
+    assert bool(fn.flags[0].item())
+
+
 def test_multi_avg_fn_checks_decay():
     with pytest.raises(ValueError, match="decay"):
         get_ema_multi_avg_fn(1.5)
+    with pytest.raises(ValueError, match="backend"):
+        get_ema_multi_avg_fn(0.9, backend="cuda")

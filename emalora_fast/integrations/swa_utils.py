@@ -13,7 +13,9 @@ How: the averaged model's tensors are gathered into one flat fp32 buffer (``[1, 
 EMA state), the op folds the current tensors in and writes the result back into the averaged
 tensors as its "teacher" output, in the same pass. The flat buffer, its per-tensor views, the
 non-finite flag and (Triton) the device pointer table are built once per list of tensor storages
-and reused: a call allocates nothing and never synchronizes with the device. The gather re-reads
+(the averaged tensors'; on Triton also the current ones', as the table holds both: a model's
+parameters, updated in place, keep theirs) and reused: a call allocates nothing and never
+synchronizes with the device. The gather re-reads
 the averaged tensors on every call, so values written into them by others (``AveragedModel``'s
 first copy, ``load_state_dict``, Lightning's swaps) are always taken into account.
 
