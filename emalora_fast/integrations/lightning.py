@@ -97,11 +97,13 @@ class AdapterWeightAveraging(Callback):
     so with ``accumulate_grad_batches=N`` after every N-th batch): after each ``step_idx >=
     update_starting_at_step`` with ``step_idx % update_every_n_steps == 0``; the first update
     copies the weights (EMA; BEMA takes theta_0 and ema there), and before it the average equals
-    the live weights (BEMA without a start: theta_0 are the weights at the start of fit, as in
-    TRL). ``update_starting_at_epoch`` starts it at the first step of that epoch instead (the
-    later of the two when both are given). An EMA update is
-    ``shadow <- decay * shadow + (1 - decay) * theta`` per decay; BEMA follows
-    :class:`~emalora_fast.BEMA`.
+    the live weights (BEMA without a start: theta_0 are the weights at the start of fit and it
+    updates after global steps ``t = step_idx + 1`` that are multiples of
+    ``update_every_n_steps``, as TRL's BEMA). ``update_starting_at_epoch`` starts it at the
+    first step of that epoch instead (the later of the two when both are given). An EMA update
+    is ``shadow <- decay * shadow + (1 - decay) * theta`` per decay; BEMA follows
+    :class:`~emalora_fast.BEMA`. After fit the model keeps its live weights (``WeightAveraging``
+    copies the average in); ``averager.copy_to()`` does that, ``save_dir=`` saves the average.
 
     Args:
         decay: the EMA decay in (0, 1), or a sequence of 1 to 8 distinct decays (one shadow
@@ -235,13 +237,12 @@ class AdapterWeightAveraging(Callback):
         if stage != "fit":
             return
         _check_strategy(trainer)
-        target = self._target(pl_module)
-        if self.averager is not None and self.averager.model is target:
-            return  # a second fit with the same callback continues the same average
         base = _lightning(trainer).LightningModule.configure_model
         if type(pl_module).configure_model is not base:
             pl_module.configure_model()  # as WeightAveraging: create the layers first
-            target = self._target(pl_module)
+        target = self._target(pl_module)
+        if self.averager is not None and self.averager.model is target:
+            return  # a second fit with the same callback continues the same average
         kwargs = dict(self.averager_kwargs)
         if self.averaging == "ema":
             kwargs["decay"] = self.decay
