@@ -315,6 +315,43 @@ def test_extra_memory_is_the_averaged_tensors(decays):
     assert k * adapter_bytes <= held <= (k + 1) * adapter_bytes + 64
 
 
+def _allocated_bytes(fn) -> int:
+    """Bytes torch allocates on the CPU while ``fn`` runs (the profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+
+def test_updates_and_swaps_allocate_nothing():
+    """After the first of each, an update (through the hook) and a validation swap allocate
+    nothing; nor does a call of the multi_avg_fn. A control proves the measure sees allocations."""
+    import types
+
+    lit = Lit(tiny_peft_mlp())
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    cb = AdapterWeightAveraging((0.5, 0.9))
+    cb.setup(trainer, lit, "fit")
+    clock = types.SimpleNamespace(global_step=0)
+
+    def steps():
+        for _ in range(3):
+            clock.global_step += 1
+            cb.on_train_batch_end(clock, lit, None, None, 0)
+            cb.on_validation_epoch_start(trainer, lit)
+            cb.on_validation_epoch_end(trainer, lit)
+
+    steps()
+    assert _allocated_bytes(steps) == 0
+    assert cb.averager.step == 6
+    ema, cur = adapter(lit.model), adapter(lit.model)
+    fn = get_ema_multi_avg_fn(0.9)
+    fn(list(ema.values()), list(cur.values()), None)
+    assert _allocated_bytes(lambda: fn(list(ema.values()), list(cur.values()), None)) == 0
+    assert _allocated_bytes(lambda: torch.ones(64).add(1)) >= 2 * 64 * 4  # the control
+
+
 def test_bad_input_raises_before_anything_changes():
     with pytest.raises(ValueError, match="decay"):
         AdapterWeightAveraging(1.0)
