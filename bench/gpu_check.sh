@@ -9,7 +9,9 @@
 #   smoke.log      correctness smoke of each kernel on the device, and the two fused-linear
 #                  backward forms timed side by side
 #   gpu-tests.log  pytest -m gpu
-#   bench.log      emalora-fast bench --quick
+#   bench.log      emalora-fast bench --quick (with the Lightning callback's rows where Lightning
+#                  is installed: `pip install --no-deps lightning pytorch-lightning
+#                  lightning-utilities torchmetrics`)
 #   bench.json     its rows and metadata
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}

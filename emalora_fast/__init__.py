@@ -16,11 +16,13 @@ from .distill.self_distill import SelfDistiller
 __version__ = "0.2.0"
 _moved.install()  # the 0.1 module paths (emalora_fast.averager, ...), deprecated
 
-# The transformers integration imports transformers: loaded on first use.
+# The integrations import transformers / Lightning: loaded on first use.
 _LAZY = {
+    "AdapterWeightAveraging": "integrations.lightning",
     "AveragerCallback": "integrations.transformers",
     "AveragingTrainer": "integrations.transformers",
     "SelfDistillationTrainer": "integrations.transformers",
+    "get_ema_multi_avg_fn": "integrations.swa_utils",
 }
 
 
@@ -33,6 +35,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AdapterWeightAveraging",
     "AveragerCallback",
     "AveragingTrainer",
     "BEMA",
@@ -49,4 +52,5 @@ __all__ = [
     "distillation_loss",
     "ema_decay",
     "fused_linear_distillation_loss",
+    "get_ema_multi_avg_fn",
 ]

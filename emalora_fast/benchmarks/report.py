@@ -145,6 +145,32 @@ def bench_profiles(device: torch.device, quick: bool) -> list[Row]:
     return rows
 
 
+def bench_lightning(device: torch.device, quick: bool) -> list[Row]:
+    """One update of the Lightning callback vs Lightning's EMAWeightAveraging and WeightAveraging
+    (torch's and our multi_avg_fn) on the same peft model; extra memory = what each holds."""
+    import importlib.util
+
+    if not any(importlib.util.find_spec(m) for m in ("lightning", "pytorch_lightning")):
+        print("lightning rows skipped: install the 'lightning' extra")
+        return []
+    from . import lightning as lightning_cases
+
+    size = "tiny" if quick else "small"
+    steps, held, sizes = lightning_cases.cases(size, device)
+    mib = {k: v / 2**20 for k, v in sizes.items()}
+    case = f"{size}: adapter {mib['adapter_bytes']:.1f} MiB, model {mib['model_bytes']:.1f} MiB"
+    times = {p: measure(fn, device, reps=5 if quick else 20) for p, fn in steps.items()}
+    rows = []
+    for p, t in times.items():
+        row = Row("lightning-update", case, p, t * 1e3, extra_mem_mib=held[p] / 2**20)
+        if p == "emalora":
+            base = "ema_weight_averaging"
+            row.speedup, row.baseline = times[base] / t, base
+            row.mem_vs_naive = held[p] / held[base]
+        rows.append(row)
+    return rows
+
+
 def bench_loss(device: torch.device, quick: bool) -> list[Row]:
     """Forward KL forward + backward: ours vs naive vs token-chunked, time and extra memory."""
     from . import distill_loss as loss_cases
@@ -308,7 +334,7 @@ def run_bench(
     print(f"emalora-fast bench on {meta['device']} ({dev.type}), torch {meta['torch']}, "
           f"triton {meta['triton']}, {meta['threads']} threads")  # fmt: skip
     rows = bench_averager(dev, quick) + bench_profiles(dev, quick)
-    rows += bench_loss(dev, quick) + bench_fused_linear(dev, quick)
+    rows += bench_loss(dev, quick) + bench_fused_linear(dev, quick) + bench_lightning(dev, quick)
     print_table(rows)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "bench.csv"), "w", newline="") as f:
