@@ -29,10 +29,11 @@ from typing import Any, Literal
 
 from torch import nn
 
-from .. import _dispatch, peft_utils
-from .._averager_core import Averager
+from .. import _dispatch
 from .._checks import check_choice, check_int, is_int
-from ..averager import BEMA, EMA, _check_decays
+from ..averaging import peft_utils
+from ..averaging.core import Averager
+from ..averaging.ema import BEMA, EMA, _check_decays
 
 try:
     from lightning.pytorch import Callback
