@@ -1,0 +1,22 @@
+"""TRL integration: drop-ins at TRL's own hooks (needs ``pip install 'emalora-fast[trl]'``).
+
+Importing this package imports trl; ``import emalora_fast`` never does.
+
+- Losses (:mod:`.losses`): :func:`generalized_jsd_loss` (GKD, GOLD) and
+  :func:`chunked_divergence_loss` (DistillationTrainer) computed by the streamed kernels;
+  :func:`use_streamed_losses` switches a trainer to them.
+"""
+
+from .losses import (
+    chunked_divergence_loss,
+    generalized_jsd_loss,
+    gold_generalized_jsd_loss,
+    use_streamed_losses,
+)
+
+__all__ = [
+    "chunked_divergence_loss",
+    "generalized_jsd_loss",
+    "gold_generalized_jsd_loss",
+    "use_streamed_losses",
+]
