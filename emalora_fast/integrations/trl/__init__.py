@@ -5,6 +5,8 @@ Importing this package imports trl; ``import emalora_fast`` never does.
 - Losses (:mod:`.losses`): :func:`generalized_jsd_loss` (GKD, GOLD) and
   :func:`chunked_divergence_loss` (DistillationTrainer) computed by the streamed kernels;
   :func:`use_streamed_losses` switches a trainer to them.
+- The SDFT/SDPO EMA teacher (:mod:`.teacher`): :class:`FusedAdapterEMACallback`
+  (``PEFTAdapterEMACallback``'s signature) and :func:`fused_ema_teacher` (the trainer class).
 """
 
 from .losses import (
@@ -13,8 +15,11 @@ from .losses import (
     gold_generalized_jsd_loss,
     use_streamed_losses,
 )
+from .teacher import FusedAdapterEMACallback, fused_ema_teacher
 
 __all__ = [
+    "FusedAdapterEMACallback",
+    "fused_ema_teacher",
     "chunked_divergence_loss",
     "generalized_jsd_loss",
     "gold_generalized_jsd_loss",

@@ -1,0 +1,158 @@
+"""The SDFT/SDPO EMA teacher on the fused averager against TRL's own PEFTAdapterEMACallback."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+from helpers import FP32_RTOL, assert_close, tiny_llama, tiny_peft_llama  # noqa: E402
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict  # noqa: E402
+from transformers import TrainerState  # noqa: E402
+from trl.experimental.sdft.teacher_sync import PEFTAdapterEMACallback  # noqa: E402
+
+from emalora_fast.integrations.trl import (  # noqa: E402
+    FusedAdapterEMACallback,
+    fused_ema_teacher,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _student(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _teacher(model, name="teacher") -> dict[str, torch.Tensor]:
+    return get_peft_model_state_dict(model, adapter_name=name)
+
+
+def _optimizer_step(models, scale=0.05):
+    """The same random change of every trainable tensor in each model (an optimizer step)."""
+    deltas = None
+    for m in models:
+        params = [p for p in m.parameters() if p.requires_grad]
+        if deltas is None:
+            deltas = [torch.randn_like(p) * scale for p in params]
+        with torch.no_grad():
+            for p, d in zip(params, deltas):
+                p.add_(d)
+
+
+def _run(callbacks_models, steps, hook=None):
+    for cb, _ in callbacks_models:
+        cb.on_train_begin(None, TrainerState(global_step=0), None)
+    for t in range(1, steps + 1):
+        _optimizer_step([m for _, m in callbacks_models])
+        for cb, _ in callbacks_models:
+            cb.on_step_end(None, TrainerState(global_step=t), None)
+        if hook is not None:
+            hook(t)
+
+
+@pytest.mark.parametrize("sync_steps", [1, 3])
+@pytest.mark.parametrize("rate", [0.05, 0.3, 1.0])
+def test_zero_init_equals_trl_callback(sync_steps, rate):
+    trl_model = tiny_peft_llama(vocab=64)
+    our_model = copy.deepcopy(trl_model)
+    theirs = PEFTAdapterEMACallback(trl_model, update_rate=rate, sync_steps=sync_steps)
+    ours = FusedAdapterEMACallback(our_model, update_rate=rate, sync_steps=sync_steps, init="zero")
+    ref: dict[str, torch.Tensor] = {}
+
+    def check(t):
+        if t % sync_steps == 0:  # the float64 formula, from zeros
+            for k, v in _student(our_model).items():
+                ref[k] = (1 - rate) * ref.get(k, torch.zeros_like(v, dtype=torch.float64))
+                ref[k] = ref[k] + rate * v.double()
+        mine, trl = _teacher(our_model), _teacher(trl_model)
+        assert mine.keys() == trl.keys() and len(mine) == 28
+        for k in mine:
+            want = ref.get(k, torch.zeros_like(mine[k], dtype=torch.float64))
+            assert_close(mine[k], trl[k], FP32_RTOL, f"step {t} {k} vs TRL")
+            assert_close(mine[k], want.float(), FP32_RTOL, f"step {t} {k} vs float64")
+
+    _run([(theirs, trl_model), (ours, our_model)], steps=7, hook=check)
+    assert our_model.active_adapter == "default"
+    assert not any(p.requires_grad for n, p in our_model.named_parameters() if ".teacher." in n)
+
+
+def test_copy_init_starts_at_the_student():
+    model = tiny_peft_llama(vocab=64)
+    cb = FusedAdapterEMACallback(model, update_rate=0.2)  # init="copy"
+    ref = {k: v.double() for k, v in _student(model).items()}
+
+    def check(t):
+        for k, v in _student(model).items():
+            ref[k] = 0.8 * ref[k] + 0.2 * v.double()
+        for k, v in _teacher(model).items():
+            assert_close(v, ref[k].float(), FP32_RTOL, f"step {t} {k}")
+
+    cb.on_train_begin(None, TrainerState(global_step=0), None)
+    for k, v in _teacher(model).items():
+        assert torch.equal(v, _student(model)[k])
+    _run([(cb, model)], steps=4, hook=check)
+
+
+@pytest.mark.parametrize("kind", ["dora", "embedding", "modules_to_save"])
+def test_adapters_trl_refuses(kind):
+    base = tiny_llama(vocab=64)
+    cfg = {
+        "dora": LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True),
+        "embedding": LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]),
+        "modules_to_save": LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    }[kind]
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "lora_embedding_B" in n:
+                p.normal_(0, 0.02)
+    cb = FusedAdapterEMACallback(model, update_rate=0.1)
+    ref = {k: v.double() for k, v in _student(model).items()}
+
+    def check(t):
+        for k, v in _student(model).items():
+            ref[k] = 0.9 * ref[k] + 0.1 * v.double()
+        mine = _teacher(model)
+        assert mine.keys() == ref.keys()
+        for k, v in mine.items():
+            assert_close(v, ref[k].float(), FP32_RTOL, f"{kind} step {t} {k}")
+
+    _run([(cb, model)], steps=3, hook=check)
+
+
+def test_bad_input_changes_nothing():
+    model = tiny_peft_llama(vocab=64)
+    before = set(model.peft_config)
+    with pytest.raises(ValueError, match="needs a peft model"):
+        FusedAdapterEMACallback(tiny_llama(vocab=64))
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
+        FusedAdapterEMACallback(model, teacher_adapter_name="default")
+    for rate in (0.0, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match=r"update_rate must be a number in \(0, 1\]"):
+            FusedAdapterEMACallback(model, update_rate=rate)
+    for steps in (0, 1.0):
+        with pytest.raises(ValueError, match="sync_steps must be an integer >= 1"):
+            FusedAdapterEMACallback(model, sync_steps=steps)
+    with pytest.raises(ValueError, match="init must be 'copy' or 'zero'"):
+        FusedAdapterEMACallback(model, init="ones")
+    with pytest.raises(TypeError, match="SDFTTrainer or SDPOTrainer"):
+        fused_ema_teacher(object)
+    assert set(model.peft_config) == before
+
+
+def test_import_emalora_fast_never_imports_trl():
+    code = "import sys, emalora_fast; assert 'trl' not in sys.modules, 'trl imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
