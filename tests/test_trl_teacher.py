@@ -156,3 +156,91 @@ def test_bad_input_changes_nothing():
 def test_import_emalora_fast_never_imports_trl():
     code = "import sys, emalora_fast; assert 'trl' not in sys.modules, 'trl imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# SDFTTrainer end to end: generation through transformers, TRL's losses, our teacher adapter.
+
+
+def _sdft_run(tmp_path, model, trainer_cls, tag, **config):
+    from datasets import Dataset
+    from trl.experimental.sdft import SDFTConfig
+    from trl_helpers import tiny_tokenizer
+
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+
+    def words(n):
+        return " ".join(f"w{i}" for i in torch.randint(0, vocab - 2, (n,), generator=g).tolist())
+
+    data = Dataset.from_dict(
+        {"prompt": [words(3) for _ in range(6)], "privileged_context": [words(2) for _ in range(6)]}
+    )
+    args = SDFTConfig(
+        output_dir=str(tmp_path / tag),
+        per_device_train_batch_size=2,
+        max_steps=3,
+        learning_rate=5e-2,
+        optim="sgd",
+        max_completion_length=4,
+        num_generations=1,
+        teacher_model_kind="ema",
+        teacher_update_rate=0.3,
+        distillation_mode="full_logits",
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        **config,
+    )
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=data, processing_class=tiny_tokenizer(vocab)
+    )
+    losses = []
+    compute = trainer.compute_loss
+
+    def recording(*a, **kw):
+        loss = compute(*a, **kw)
+        losses.append(loss.detach().clone())
+        return loss
+
+    trainer.compute_loss = recording
+    trainer.train()
+    return trainer, losses
+
+
+def test_sdft_losses_equal_trl_with_zero_init(tmp_path):
+    from trl.experimental.sdft import SDFTTrainer
+
+    model0 = tiny_peft_llama(vocab=64, b_std=0.2)
+    trl_trainer, trl_losses = _sdft_run(tmp_path, copy.deepcopy(model0), SDFTTrainer, "trl")
+    ours_cls = fused_ema_teacher(SDFTTrainer, init="zero")
+    our_trainer, our_losses = _sdft_run(tmp_path, copy.deepcopy(model0), ours_cls, "ours")
+    kinds = [type(cb).__name__ for cb in our_trainer.callback_handler.callbacks]
+    assert "FusedAdapterEMACallback" in kinds and "PEFTAdapterEMACallback" not in kinds
+    assert len(trl_losses) == len(our_losses) == 3
+    for step, (a, b) in enumerate(zip(trl_losses, our_losses), 1):
+        assert torch.isfinite(a) and a.abs() > 0
+        assert_close(b, a, FP32_RTOL, f"step {step} loss")
+    mine, trl = _teacher(our_trainer.model), _teacher(trl_trainer.model)
+    for k in trl:
+        assert_close(mine[k], trl[k], FP32_RTOL, k)
+
+
+def test_sdft_trains_modules_to_save_where_trl_raises(tmp_path):
+    from trl.experimental.sdft import SDFTTrainer
+
+    def model():  # a trainable lm_head copy: not "pure LoRA" for TRL
+        cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+        return get_peft_model(tiny_llama(vocab=64), cfg)
+
+    with pytest.raises(ValueError, match="non-pure-LoRA"):
+        _sdft_run(tmp_path, model(), SDFTTrainer, "trl")
+    m = model()
+    trainer, losses = _sdft_run(tmp_path, m, fused_ema_teacher(SDFTTrainer), "ours")
+    assert len(losses) == 3 and all(torch.isfinite(x) for x in losses)
+    teacher, student = _teacher(m), _student(m)
+    head = next(k for k in teacher if "lm_head" in k)
+    assert not torch.equal(teacher[head], student[head])  # averaged, not the live copy
+    assert m.active_adapter == "default"

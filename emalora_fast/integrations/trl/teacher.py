@@ -38,9 +38,11 @@ class FusedAdapterEMACallback(AveragerCallback):
     for every tensor of the student's peft adapter, written into the frozen adapter
     ``teacher_adapter_name`` by the same kernel launch that updates the fp32 shadows (no
     ``set_peft_model_state_dict``, no adapter switch). The adapter is created at
-    ``on_train_begin`` (or at the first update), as TRL does. Unlike TRL's callback, any adapter
-    the averager takes works (LoRA, DoRA magnitudes, embedding LoRA, ``modules_to_save``), and
-    the shadows are saved with the Trainer's checkpoints and restored on resume.
+    ``on_train_begin`` (or at the first update), as TRL does. Every tensor the averager takes
+    works (LoRA, DoRA magnitudes, embedding LoRA, and ``modules_to_save`` copies or other
+    non-LoRA trainable tensors, for which TRL's trainers refuse the EMA teacher), and the shadows
+    are saved with the Trainer's checkpoints and restored on resume. With ``init="zero"`` the
+    tensors the averager takes start at zero; a frozen adapter tensor is copied once.
 
     ``init="copy"`` (default) starts the teacher as the student at train begin. ``init="zero"``
     starts it at zeros, TRL's behaviour: after k updates a zero start holds only
@@ -166,8 +168,8 @@ def fused_ema_teacher(
 
     With ``teacher_model_kind="ema"`` and a peft model, the trainer keeps its "teacher" adapter
     with :class:`FusedAdapterEMACallback` (``teacher_update_rate``, ``teacher_sync_steps``) in
-    place of TRL's ``PEFTAdapterEMACallback``, and accepts every adapter kind the averager takes
-    (DoRA, embedding LoRA, ``modules_to_save``), where TRL requires pure LoRA. Everything else
+    place of TRL's ``PEFTAdapterEMACallback``, also where TRL requires pure LoRA and raises
+    (``modules_to_save``, trainable tokens, any trainable tensor not named ``lora_*``). Everything else
     (the teacher forward through ``use_adapter(model, "teacher")``, the losses) is TRL's::
 
         trainer = fused_ema_teacher(SDFTTrainer)(model=peft_model, args=config, ...)
