@@ -169,8 +169,9 @@ def fused_ema_teacher(
     With ``teacher_model_kind="ema"`` and a peft model, the trainer keeps its "teacher" adapter
     with :class:`FusedAdapterEMACallback` (``teacher_update_rate``, ``teacher_sync_steps``) in
     place of TRL's ``PEFTAdapterEMACallback``, also where TRL requires pure LoRA and raises
-    (``modules_to_save``, trainable tokens, any trainable tensor not named ``lora_*``). Everything else
-    (the teacher forward through ``use_adapter(model, "teacher")``, the losses) is TRL's::
+    (``modules_to_save``, trainable tokens, any trainable tensor not named ``lora_*``).
+    Everything else (the teacher forward through ``use_adapter(model, "teacher")``, the
+    losses) is TRL's::
 
         trainer = fused_ema_teacher(SDFTTrainer)(model=peft_model, args=config, ...)
 
