@@ -7,8 +7,10 @@ Importing this package imports trl; ``import emalora_fast`` never does.
   :func:`use_streamed_losses` switches a trainer to them.
 - The SDFT/SDPO EMA teacher (:mod:`.teacher`): :class:`FusedAdapterEMACallback`
   (``PEFTAdapterEMACallback``'s signature) and :func:`fused_ema_teacher` (the trainer class).
+- :class:`BEMACallback` (:mod:`.bema`): ``trl.BEMACallback``'s signature, also on a peft model.
 """
 
+from .bema import BEMACallback
 from .losses import (
     chunked_divergence_loss,
     generalized_jsd_loss,
@@ -18,6 +20,7 @@ from .losses import (
 from .teacher import FusedAdapterEMACallback, fused_ema_teacher
 
 __all__ = [
+    "BEMACallback",
     "FusedAdapterEMACallback",
     "fused_ema_teacher",
     "chunked_divergence_loss",
