@@ -7,10 +7,13 @@ Importing this package imports trl; ``import emalora_fast`` never does.
   :func:`use_streamed_losses` switches a trainer to them.
 - The SDFT/SDPO EMA teacher (:mod:`.teacher`): :class:`FusedAdapterEMACallback`
   (``PEFTAdapterEMACallback``'s signature) and :func:`fused_ema_teacher` (the trainer class).
+- TR-DPO under PEFT (:mod:`.dpo`): :func:`sync_ref_adapter` keeps DPO's "ref" adapter as the
+  mixup average of the policy adapter.
 - :class:`BEMACallback` (:mod:`.bema`): ``trl.BEMACallback``'s signature, also on a peft model.
 """
 
 from .bema import BEMACallback
+from .dpo import SyncRefAdapterCallback, sync_ref_adapter
 from .losses import (
     chunked_divergence_loss,
     generalized_jsd_loss,
@@ -22,9 +25,11 @@ from .teacher import FusedAdapterEMACallback, fused_ema_teacher
 __all__ = [
     "BEMACallback",
     "FusedAdapterEMACallback",
+    "SyncRefAdapterCallback",
     "fused_ema_teacher",
     "chunked_divergence_loss",
     "generalized_jsd_loss",
+    "sync_ref_adapter",
     "gold_generalized_jsd_loss",
     "use_streamed_losses",
 ]

@@ -80,7 +80,7 @@ class FusedAdapterEMACallback(AveragerCallback):
         backend: str = "auto",
     ) -> None:
         unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-        check_adapter_model(unwrapped, "FusedAdapterEMACallback", new_adapter=teacher_adapter_name)
+        self._check_model(unwrapped, teacher_adapter_name)
         check_rate("update_rate", update_rate)
         check_steps("sync_steps", sync_steps)
         if init not in ("copy", "zero"):
@@ -93,6 +93,10 @@ class FusedAdapterEMACallback(AveragerCallback):
         self.accelerator = accelerator
         self.init = init
         self.backend = backend
+
+    @staticmethod
+    def _check_model(model, adapter_name: str) -> None:
+        check_adapter_model(model, "FusedAdapterEMACallback", new_adapter=adapter_name)
 
     def _unwrapped(self):
         if self.accelerator is not None:
