@@ -190,7 +190,7 @@ def test_chunked_divergence_all_masked_is_zero():
 
 
 def test_use_streamed_losses_rejects_other_trainers_and_versions(monkeypatch):
-    with pytest.raises(TypeError, match="GKDTrainer, GOLDTrainer or DistillationTrainer"):
+    with pytest.raises(TypeError, match="GKDTrainer, GOLDTrainer, DistillationTrainer"):
         use_streamed_losses(object())
     fake = object.__new__(GKDTrainer)
 

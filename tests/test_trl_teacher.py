@@ -162,7 +162,7 @@ def test_import_emalora_fast_never_imports_trl():
 # SDFTTrainer end to end: generation through transformers, TRL's losses, our teacher adapter.
 
 
-def _sdft_run(tmp_path, model, trainer_cls, tag, **config):
+def _sdft_run(tmp_path, model, trainer_cls, tag, prepare=None, **config):
     from datasets import Dataset
     from trl.experimental.sdft import SDFTConfig
     from trl_helpers import tiny_tokenizer
@@ -186,17 +186,18 @@ def _sdft_run(tmp_path, model, trainer_cls, tag, **config):
         num_generations=1,
         teacher_model_kind="ema",
         teacher_update_rate=0.3,
-        distillation_mode="full_logits",
         report_to=[],
         logging_steps=1,
         save_strategy="no",
         use_cpu=True,
         seed=0,
-        **config,
+        **({"distillation_mode": "full_logits"} | config),
     )
     trainer = trainer_cls(
         model=model, args=args, train_dataset=data, processing_class=tiny_tokenizer(vocab)
     )
+    if prepare is not None:
+        prepare(trainer)
     losses = []
     compute = trainer.compute_loss
 

@@ -4,7 +4,8 @@ Importing this package imports trl; ``import emalora_fast`` never does.
 
 - Losses (:mod:`.losses`): :func:`generalized_jsd_loss` (GKD, GOLD) and
   :func:`chunked_divergence_loss` (DistillationTrainer) computed by the streamed kernels;
-  :func:`use_streamed_losses` switches a trainer to them.
+  :func:`use_streamed_losses` switches a trainer to them (SDFT/SDPO's ``distillation_mode``
+  losses too: :mod:`.self_distillation`).
 - The SDFT/SDPO EMA teacher (:mod:`.teacher`): :class:`FusedAdapterEMACallback`
   (``PEFTAdapterEMACallback``'s signature) and :func:`fused_ema_teacher` (the trainer class).
 - TR-DPO under PEFT (:mod:`.dpo`): :func:`sync_ref_adapter` keeps DPO's "ref" adapter as the

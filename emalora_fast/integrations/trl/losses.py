@@ -8,7 +8,8 @@
   (``trl.trainer.distillation_trainer._chunked_divergence_loss``, TRL's fused-linear hook since
   it replaced the Liger loss) and returns the same ``(loss, entropy_sum, n_valid)``, computed by
   :func:`emalora_fast.fused_linear_distillation_loss` from hidden states and heads.
-- :func:`use_streamed_losses` switches a constructed GKD, GOLD or Distillation trainer to them.
+- :func:`use_streamed_losses` switches a constructed GKD, GOLD, Distillation, SDFT or SDPO
+  trainer to them (SDFT/SDPO: :mod:`.self_distillation`).
 
 beta follows TRL: 0 is forward KL(teacher || student), 1 reverse KL(student || teacher), in
 between the generalized JSD with mixture M = beta p_teacher + (1 - beta) p_student.
@@ -25,6 +26,8 @@ from typing import Any, Literal
 import torch
 from trl.experimental.gkd import GKDTrainer
 from trl.experimental.gold import GOLDTrainer
+from trl.experimental.sdft import SDFTTrainer
+from trl.experimental.sdpo import SDPOTrainer
 from trl.trainer import distillation_trainer as _trl_distillation
 
 from ... import distillation_loss, fused_linear_distillation_loss
@@ -280,9 +283,13 @@ _trl_chunked_divergence_loss = _trl_distillation._chunked_divergence_loss
 
 
 def _same_parameters(ours: Callable, theirs: Callable, what: str) -> None:
-    """The TRL hook must take exactly the drop-in's positional parameters."""
-    mine = [p for p in inspect.signature(ours).parameters.values() if p.kind != p.KEYWORD_ONLY]
+    """The TRL hook must take exactly the drop-in's parameters (ours may add keyword-only ones)."""
     got = list(inspect.signature(theirs).parameters)
+    mine = [
+        p
+        for p in inspect.signature(ours).parameters.values()
+        if p.kind != p.KEYWORD_ONLY or p.name in got  # our own keyword-only extras aside
+    ]
     if [p.name for p in mine] != got:
         import trl
 
@@ -293,21 +300,37 @@ def _same_parameters(ours: Callable, theirs: Callable, what: str) -> None:
         )
 
 
-def _streamed_distillation_step(original: Callable, log_entropy: bool) -> Callable:
-    """``DistillationTrainer._compute_loss`` with the module's loss function swapped for
-    :func:`chunked_divergence_loss` during the call (and restored after, also on error)."""
-    loss_fn = functools.partial(chunked_divergence_loss, log_entropy=log_entropy)
+def _with_globals(original: Callable, module: Any, replacements: dict[str, Callable]) -> Callable:
+    """``original`` (a bound method) with ``module``'s functions named in ``replacements``
+    swapped for them during the call, and restored after, also on error."""
 
     @functools.wraps(original)
-    def step(*args, **kwargs):
-        saved = _trl_distillation._chunked_divergence_loss
-        _trl_distillation._chunked_divergence_loss = loss_fn
+    def call(*args, **kwargs):
+        saved = {name: getattr(module, name) for name in replacements}
+        for name, fn in replacements.items():
+            setattr(module, name, fn)
         try:
             return original(*args, **kwargs)
         finally:
-            _trl_distillation._chunked_divergence_loss = saved
+            for name, fn in saved.items():
+                setattr(module, name, fn)
 
-    return step
+    return call
+
+
+def _self_distillation_switch(trainer: Any) -> None:
+    """SDFT/SDPO: their three ``distillation_mode`` losses, swapped in the trainer's module."""
+    import sys
+
+    from . import self_distillation
+
+    step = trainer._compute_self_distillation_loss
+    module = sys.modules[step.__func__.__module__]
+    for name, ours in self_distillation.REPLACEMENTS.items():
+        _same_parameters(ours, getattr(module, name), f"{type(trainer).__name__}'s {name}")
+    trainer._compute_self_distillation_loss = _with_globals(
+        step, module, self_distillation.REPLACEMENTS
+    )
 
 
 def use_streamed_losses(trainer: Any, *, log_entropy: bool = True) -> Any:
@@ -315,7 +338,9 @@ def use_streamed_losses(trainer: Any, *, log_entropy: bool = True) -> Any:
 
     ``GKDTrainer`` (and its subclasses) gets :func:`generalized_jsd_loss` in place of its
     ``generalized_jsd_loss``, ``GOLDTrainer`` :func:`gold_generalized_jsd_loss`, and
-    ``DistillationTrainer`` :func:`chunked_divergence_loss` in its loss step. Only this trainer
+    ``DistillationTrainer`` :func:`chunked_divergence_loss` in its loss step, and
+    ``SDFTTrainer``/``SDPOTrainer`` the streamed forms of their three ``distillation_mode``
+    losses (:mod:`.self_distillation`) in theirs. Only this trainer
     changes (an attribute of the instance), and the values are TRL's (tested against TRL's own
     functions). Call it once, after constructing the trainer::
 
@@ -346,10 +371,16 @@ def use_streamed_losses(trainer: Any, *, log_entropy: bool = True) -> Any:
         _same_parameters(
             chunked_divergence_loss, _trl_chunked_divergence_loss, "DistillationTrainer's loss"
         )
-        trainer._compute_loss = _streamed_distillation_step(trainer._compute_loss, log_entropy)
+        loss_fn = functools.partial(chunked_divergence_loss, log_entropy=log_entropy)
+        trainer._compute_loss = _with_globals(
+            trainer._compute_loss, _trl_distillation, {"_chunked_divergence_loss": loss_fn}
+        )
+    elif isinstance(trainer, (SDFTTrainer, SDPOTrainer)):
+        _self_distillation_switch(trainer)
     else:
         raise TypeError(
-            f"use_streamed_losses takes a trl GKDTrainer, GOLDTrainer or DistillationTrainer, got "
+            "use_streamed_losses takes a trl GKDTrainer, GOLDTrainer, DistillationTrainer, "
+            f"SDFTTrainer or SDPOTrainer, got "
             f"{type(trainer).__name__}; for another trainer call emalora_fast.distillation_loss "
             "(or fused_linear_distillation_loss) in its compute_loss"
         )
