@@ -217,7 +217,7 @@ def _gkd_trainer(tmp_path, student, teacher, tok, rows, streamed: bool, beta: fl
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
         max_steps=2,
-        learning_rate=0.5,
+        learning_rate=0.1,
         optim="sgd",  # smooth in the gradient: Adam's first steps amplify rounding to sign flips
         lmbda=0.0,  # off-policy: the same data in both runs
         beta=beta,
@@ -253,6 +253,9 @@ def _gkd_trainer(tmp_path, student, teacher, tok, rows, streamed: bool, beta: fl
 
 @pytest.mark.parametrize("beta", [0.5])
 def test_gkd_steps_match_trl(tmp_path, beta):
+    """TRL's loss and ours from the same start: the first step's two micro-batches within 1e-5
+    of TRL's (the same weights); after the update (SGD, lr 0.1) the runs' weights differ by
+    the fp32 rounding of the two gradients times the step, so the second step's within 1e-4."""
     from helpers import tiny_llama
     from trl_helpers import prompt_completion_rows, tiny_tokenizer
 
@@ -272,7 +275,9 @@ def test_gkd_steps_match_trl(tmp_path, beta):
         runs.append((losses, trainer.model))
     (trl_losses, trl_model), (our_losses, our_model) = runs
     assert len(trl_losses) == len(our_losses) == 4  # 2 steps x 2 micro-batches
-    for step, (a, b) in enumerate(zip(trl_losses, our_losses)):
-        assert rel_err(b, a) <= 1e-5, f"micro-batch {step}: ours {b.item()} vs TRL {a.item()}"
+    assert rel_err(trl_losses[2], trl_losses[0]) > 1e-3  # the data and the update change it
+    for i, (a, b) in enumerate(zip(trl_losses, our_losses)):
+        bound = FP32_RTOL if i < 2 else 1e-4
+        assert rel_err(b, a) <= bound, f"micro-batch {i}: ours {b.item()} vs TRL {a.item()}"
     for (name, p), q in zip(trl_model.named_parameters(), our_model.parameters()):
-        assert rel_err(q.detach(), p.detach()) <= FP32_RTOL, name
+        assert rel_err(q.detach(), p.detach()) <= 1e-4, name
