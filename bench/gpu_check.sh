@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The prepared GPU check, one command (at most about 13 minutes, with every step at its timeout;
+# The prepared GPU check, one command (at most about 17 minutes, with every step at its timeout;
 # a few minutes when all goes well) on an H100/H200: results in OUTDIR.
 #   bench/gpu_check.sh OUTDIR
 # Uses the machine's own torch and triton. Every step runs under its own timeout and the script
-# goes on after a failure, so that it ends with results whatever breaks. OUTDIR gets six files:
+# goes on after a failure, so that it ends with results whatever breaks. OUTDIR gets seven files:
 #   summary.txt    environment, install tail, one status line per step (ok / FAILED rc / TIMEOUT)
 #   compile.md     compile report (sm_90 and sm_80, ahead of time) with the byte/FLOP floors
 #   smoke.log      correctness smoke of each kernel on the device, and the two fused-linear
@@ -13,6 +13,7 @@
 #                  is installed: `pip install --no-deps lightning pytorch-lightning
 #                  lightning-utilities torchmetrics`)
 #   bench.json     its rows and metadata
+#   trl-bench.log  python -m emalora_fast.benchmarks.trl (TRL's callback and loss vs ours)
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -49,6 +50,9 @@ BENCH_DIR=$(mktemp -d)
 step bench 150 "$OUT/bench.log" python -m emalora_fast bench --quick --output-dir "$BENCH_DIR"
 cp "$BENCH_DIR/bench.json" "$OUT/bench.json" 2>/dev/null || echo "no bench.json" >> "$SUMMARY"
 rm -rf "$BENCH_DIR"
+# TRL rows (needs trl, pip install 'emalora-fast[trl]'): SDFT teacher update on the 32-layer
+# Llama-3-8B LoRA set, generalized_jsd_loss step at V = 49,152 and 128,256.
+step trl-bench 240 "$OUT/trl-bench.log" python -m emalora_fast.benchmarks.trl
 
 echo "gpu_check: exit $status; results in $OUT" | tee -a "$SUMMARY"
 exit $status
