@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from ... import BEMA
-from ..distributed import unwrap_model
+from ...distributed import unwrap_model
 from ._checks import check_steps
 
 __all__ = ["BEMACallback"]
