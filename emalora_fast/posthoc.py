@@ -109,13 +109,12 @@ class PostHocEMA(Averager):
             "snapshot_every": self.snapshot_every,
         }
 
-    def _coefficients(self, t: int) -> tuple[list[float], list[float], float, bool]:
+    def _coefficients(self, t: int) -> tuple[list[float], float, bool]:
         s = t - self.update_after
-        k = self._profiles
         if s <= 1:
-            return [1.0] * k, [0.0] * k, 0.0, True
-        betas = [posthoc_math.power_beta(s, g) for g in self.gammas]
-        return betas, [1.0 - b for b in betas], 0.0, False
+            return [1.0] * self._profiles, 0.0, True
+        # The weight of theta in the lerp form, shadow + (1 - beta) * (theta - shadow).
+        return [1.0 - posthoc_math.power_beta(s, g) for g in self.gammas], 0.0, False
 
     # ----------------------------------------------------------------------------------------
     # Snapshots
