@@ -5,11 +5,11 @@
 //   reset:  ema[k] = theta; theta0 = theta; out = theta
 //   update: ema[k]' = ema[k] + w[k] * (theta - ema[k])          (the lerp form)
 //           out     = ema[0]' + alpha * (theta - theta0)        (BEMA, when theta0 is given)
+//   teacher = (BEMA && !teacher_ema ? out : ema[teacher_profile]') cast to the teacher's dtype,
+//             when teachers are given.
 // w[k] is the weight of theta (EMA: 1 - d, BEMA: beta), computed in float64 by the caller and
 // rounded to fp32 once. Unlike d * ema + (1 - d) * theta, whose two weights are rounded apart
 // and need not sum to 1, the lerp form keeps a constant theta bit-equal: theta - ema is 0.
-//   teacher = (BEMA && !teacher_ema ? out : ema[teacher_profile]') cast to the teacher's dtype,
-//             when teachers are given.
 // Elements whose theta is not finite keep every state value and set flag[0] = 1.
 // theta is read once for all K profiles: 4 + 8K bytes per fp32 element.
 #include "common.h"

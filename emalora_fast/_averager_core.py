@@ -314,13 +314,9 @@ class Averager(StateMixin):
     # The update
 
     def _coefficients(self, t: int) -> tuple[list[float], float, bool] | None:
-        """(weights, alpha, reset) of step t, or None when step t does nothing.
-
-        ``weights[k]`` is profile k's weight w of theta in the lerp form
-        ``ema <- ema + w * (theta - ema)`` (EMA: ``1 - d``, BEMA: ``beta``), a host float
-        (float64) that the kernels round to fp32 once; ``alpha`` is BEMA's bias-correction
-        weight; ``reset`` copies theta into the state instead.
-        """
+        """(weights, alpha, reset) of step t, or None when step t does nothing: per profile the
+        weight w of theta in ``ema + w * (theta - ema)`` (EMA 1 - d, BEMA beta; a float64 host
+        float the kernels round to fp32 once), BEMA's alpha, and whether to copy theta instead."""
         raise NotImplementedError
 
     @torch.no_grad()

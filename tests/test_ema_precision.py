@@ -19,11 +19,14 @@ from emalora_fast import BEMA, EMA, PostHocEMA
 BACKENDS = ["cpp", "torch", "triton"]
 DECAYS = (0.9, 0.999, 0.9999, 0.99999)
 ALL = lambda name, p: True  # noqa: E731
-# Updates per test: the interpreter runs a launch in ~10-30 ms, the others in ~0.1 ms.
-CONSTANT_STEPS = {"cpp": 3000, "torch": 3000, "triton": 300}
-WALK_STEPS = {"cpp": 10000, "torch": 10000, "triton": 2500}
-PROFILE_WALK_STEPS = {"cpp": 3000, "torch": 3000, "triton": 3000}
-WALK_RTOL = 2e-5  # relative to float64, at 0.9999 (the old form: 1e-4 after 10,000 updates)
+# Updates per test: the interpreter runs a launch in 10-60 ms, the others in ~0.1 ms. The
+# constant-weight tests fail the old form at these counts on every backend; the random walks
+# fail it on cpp/torch (1e-4 after 10,000 updates at 0.9999, 4e-5 on the slowest of K = 3
+# after 3,000), while under the interpreter they check the contract on a shorter walk.
+CONSTANT_STEPS = {"cpp": 3000, "torch": 3000, "triton": 100}
+WALK_STEPS = {"cpp": 10000, "torch": 10000, "triton": 300}
+PROFILE_WALK_STEPS = {"cpp": 3000, "torch": 3000, "triton": 300}
+WALK_RTOL = 2e-5  # relative to float64, at 0.9999
 
 
 class One(nn.Module):
@@ -145,8 +148,9 @@ def test_random_walk_matches_float64_ema_in_every_profile(backend):
 def test_bema_random_walk_matches_float64(backend):
     """BEMA (TRL's BEMACallback schedule, arXiv 2508.00180) in float64: beta_t = (rho +
     gamma t)^-kappa, ema <- (1 - beta_t) ema + beta_t theta_t, bema = ema + alpha_t (theta_t -
-    theta_0), alpha_t = (rho + gamma t)^-eta; kappa = 1 makes beta_t as small as 1e-4, where
-    the old form was off by 2e-5."""
+    theta_0), alpha_t = (rho + gamma t)^-eta; kappa = 1 makes beta_t as small as 1e-4. (The
+    old form passed this one too: with beta changing every step its rounding errors do not
+    add up; the constant-weight test is where it failed.)"""
     backend_or_skip(backend)
     kappa, eta, rho, gamma = 1.0, 0.2, 10.0, 1.0
     model = One(torch.randn(2000))
@@ -164,4 +168,4 @@ def test_bema_random_walk_matches_float64(backend):
         ("bema", avg.averaged_state_dict(torch.float32)["w"], bema),
     ]:
         norm, peak = rel_errors(out, ref)
-        assert norm <= WALK_RTOL / 4 and peak <= WALK_RTOL / 4, f"{what}: {norm:.3g}, {peak:.3g}"
+        assert norm <= WALK_RTOL / 2 and peak <= WALK_RTOL / 2, f"{what}: {norm:.3g}, {peak:.3g}"

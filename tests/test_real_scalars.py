@@ -92,7 +92,8 @@ def test_other_values_are_rejected_naming_what_was_given(cls, key, value, attr, 
     bad, shown = BAD[kind]
     model = One()
     before = model.w.detach().clone()
-    with pytest.raises(ValueError, match=rf"^{key} must be a finite real number .*{re.escape(shown)}"):
+    pattern = rf"^{key} must be a finite real number .*{re.escape(shown)}"
+    with pytest.raises(ValueError, match=pattern):
         cls(model, param_filter=ALL, **{key: bad})
     assert torch.equal(model.w, before)
 
