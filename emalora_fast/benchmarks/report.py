@@ -89,12 +89,14 @@ def _bandwidth_rows(
     baseline: str,
     device: torch.device,
     rounds: int,
+    reps: int,
 ) -> list[Row]:
     """One row per provider and one for the copy of the same bytes, timed side by side in
     interleaved rounds (:func:`~.timing.measure_rounds`): the minimum of the round medians,
     the floor bytes per element over it as a fraction of the copy's bandwidth, and our
     speed-up over the best alternative with its lowest and highest value in one round."""
-    timed = measure_rounds({**providers, "copy": copy_case(numel, device)}, device, rounds=rounds)
+    fns = {**providers, "copy": copy_case(numel, device)}
+    timed = measure_rounds(fns, device, rounds=rounds, reps=reps)
     copy_t = timed.best("copy")
     copy_gbps = 8 * numel / copy_t / 1e9
     alternatives = [p for p in providers if p != "emalora"]
@@ -117,7 +119,7 @@ def bench_averager(device: torch.device, quick: bool) -> list[Row]:
         sets = [("tiny", None), ("llama3-8b", None)] + ([] if quick else [("llama3-70b", None)])
     else:
         sets = [("tiny", None), ("llama3-8b", 8)]
-    rounds = 7 if quick else 15
+    rounds, reps = (5, 3) if quick else (15, 5)
     for model, layers in sets:
         case = model + (f"[{layers} layers]" if layers else "")
         for kind in ("ema", "bema"):
@@ -125,7 +127,7 @@ def bench_averager(device: torch.device, quick: bool) -> list[Row]:
             floor = averager_cases.FLOOR_BYTES[kind]
             new = _bandwidth_rows(
                 f"averager-{kind}", case, providers, numel, floor, "best torch form", device,
-                rounds,
+                rounds, reps,
             )  # fmt: skip
             ours = new[list(providers).index("emalora")]
             ours.goal_ratio = ours.copy_fraction / GOAL_COPY_FRACTION[device.type]
@@ -147,7 +149,7 @@ def bench_profiles(device: torch.device, quick: bool) -> list[Row]:
         floor = averager_cases.profile_floor_bytes(k)
         rows += _bandwidth_rows(
             f"profiles-k{k}", case, providers, numel, floor, "best of K separate updates",
-            device, 7 if quick else 15,
+            device, *((5, 3) if quick else (15, 5)),
         )  # fmt: skip
     return rows
 
