@@ -92,7 +92,7 @@ def _bandwidth_rows(
     reps: int,
 ) -> list[Row]:
     """One row per provider and one for the copy of the same bytes, timed side by side in
-    interleaved rounds (:func:`~.timing.measure_rounds`): the minimum of the round medians,
+    interleaved rounds (:func:`~.timing.measure_rounds`): the least disturbed round's time,
     the floor bytes per element over it as a fraction of the copy's bandwidth, and our
     speed-up over the best alternative with its lowest and highest value in one round."""
     fns = {**providers, "copy": copy_case(numel, device)}

@@ -30,21 +30,21 @@ def measure(
 
 @dataclass
 class Rounds:
-    """Per provider, the median seconds of each round (see :func:`measure_rounds`)."""
+    """Per provider, the time of each round (see :func:`measure_rounds`), in seconds."""
 
-    medians: dict[str, list[float]]
+    times: dict[str, list[float]]
 
     def best(self, name: str) -> float:
-        """The minimum of the round medians: the round least disturbed by other load."""
-        return min(self.medians[name])
+        """The least disturbed round's time (other load only ever adds time)."""
+        return min(self.times[name])
 
     def ratio(self, num: list[str], den: str) -> tuple[float, float, float]:
         """``min(best of num) / best(den)``, and the lowest and highest ratio of one round
         (the spread): the fastest of ``num`` in that round over ``den`` in the same round."""
         value = min(self.best(n) for n in num) / self.best(den)
         per_round = [
-            min(self.medians[n][r] for n in num) / self.medians[den][r]
-            for r in range(len(self.medians[den]))
+            min(self.times[n][r] for n in num) / self.times[den][r]
+            for r in range(len(self.times[den]))
         ]
         return value, min(per_round), max(per_round)
 
@@ -53,26 +53,36 @@ def measure_rounds(
     fns: dict[str, Callable[[], object]],
     device: torch.device,
     *,
-    rounds: int = 7,
-    reps: int = 5,
-    warmup: int = 3,
+    rounds: int = 5,
+    reps: int = 3,
+    warmup: int = 2,
 ) -> Rounds:
     """Time several providers side by side, robust to a machine whose load changes.
 
-    Each of ``rounds`` rounds takes the median of ``reps`` calls of every provider, the
-    providers in a rotated order from round to round, so that a burst of other load falls on
-    all of them alike rather than on whichever ran during it. Report :meth:`Rounds.best` (the
-    minimum of the medians) and :meth:`Rounds.ratio` with its spread over the rounds.
+    In each of ``rounds`` rounds every provider runs ``reps`` times, the providers in a
+    rotated order from round to round, so that a burst of other load falls on all of them
+    alike rather than on whichever ran during it. A round's time is the fastest of its calls on
+    CPU (where other processes take the cores for tens of milliseconds, a median of a few calls
+    is still disturbed; interference only ever adds time), do_bench's median on CUDA. Report
+    :meth:`Rounds.best` and :meth:`Rounds.ratio` with its spread over the rounds.
     """
     names = list(fns)
     for name in names:
         for _ in range(warmup):
             fns[name]()
-    medians: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            medians[name].append(measure(fns[name], device, reps=reps, warmup=0))
-    return Rounds(medians)
+            if device.type == "cuda":
+                times[name].append(measure(fns[name], device))
+                continue
+            calls = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fns[name]()
+                calls.append(time.perf_counter() - t0)
+            times[name].append(min(calls))
+    return Rounds(times)
 
 
 def copy_case(numel: int, device: torch.device) -> Callable[[], object]:
