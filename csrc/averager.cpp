@@ -3,10 +3,13 @@
 // Per element of the flat fp32 buffers (theta = the live parameter, in its own dtype), for each
 // of the K EMA profiles k (ema is [K, P]; BEMA has K = 1):
 //   reset:  ema[k] = theta; theta0 = theta; out = theta
-//   update: ema[k]' = c_ema[k] * ema[k] + c_theta[k] * theta
+//   update: ema[k]' = ema[k] + w[k] * (theta - ema[k])          (the lerp form)
 //           out     = ema[0]' + alpha * (theta - theta0)        (BEMA, when theta0 is given)
 //   teacher = (BEMA && !teacher_ema ? out : ema[teacher_profile]') cast to the teacher's dtype,
 //             when teachers are given.
+// w[k] is the weight of theta (EMA: 1 - d, BEMA: beta), computed in float64 by the caller and
+// rounded to fp32 once. Unlike d * ema + (1 - d) * theta, whose two weights are rounded apart
+// and need not sum to 1, the lerp form keeps a constant theta bit-equal: theta - ema is 0.
 // Elements whose theta is not finite keep every state value and set flag[0] = 1.
 // theta is read once for all K profiles: 4 + 8K bytes per fp32 element.
 #include "common.h"
@@ -27,7 +30,7 @@ namespace {
 constexpr int64_t kMaxProfiles = 8;
 
 struct Coeffs {
-  float c_ema[kMaxProfiles], c_theta[kMaxProfiles], alpha;
+  float weight[kMaxProfiles], alpha;  // per profile, the weight w of theta
   int64_t profiles;         // K
   int64_t stride;           // P: elements between two profiles' shadows
   int64_t teacher_profile;  // the profile the teachers receive (EMA)
@@ -73,18 +76,18 @@ inline void write_outputs(float x, const float* __restrict e_teach, T* __restric
   if constexpr (TEACH) te[i] = static_cast<T>(TEACH_EMA || !BEMA ? e_teach[i] : v);
 }
 
-// One profile's shadow over a chunk: ep = c_ema * ep + c_theta * theta (theta at a reset). With
+// One profile's shadow over a chunk: ep = ep + w * (theta - ep) (theta at a reset). With
 // GUARD, an element whose theta is not finite keeps its old value (a bit blend) and the return
 // value is 1 when the chunk holds one; without, the chunk is known to be clean.
 template <typename P, bool RESET, bool GUARD>
 inline uint32_t update_profile(const P* __restrict th, float* __restrict ep, int64_t m,
-                               float c_ema, float c_theta) {
+                               float w) {
   uint32_t bad = 0;
 #pragma omp simd reduction(| : bad)
   for (int64_t i = 0; i < m; ++i) {
     const float x = static_cast<float>(th[i]);
     const float old = ep[i];
-    const float fresh = RESET ? x : c_ema * old + c_theta * x;
+    const float fresh = RESET ? x : old + w * (x - old);
     if constexpr (GUARD) {
       const uint32_t nf = not_finite(x);
       ep[i] = keep_if(nf, fresh, old);
@@ -107,13 +110,13 @@ template <typename P, typename T, bool BEMA, bool TEACH, bool TEACH_EMA, bool RE
 inline uint32_t update_chunk(const P* __restrict th, T* __restrict te, float* __restrict e,
                              float* __restrict t0, float* __restrict o, int64_t m,
                              const Coeffs& k) {
-  const uint32_t bad = update_profile<P, RESET, true>(th, e, m, k.c_ema[0], k.c_theta[0]);
+  const uint32_t bad = update_profile<P, RESET, true>(th, e, m, k.weight[0]);
   for (int64_t p = 1; p < (BEMA ? 1 : k.profiles); ++p) {
     float* ep = e + p * k.stride;
     if (bad) {
-      update_profile<P, RESET, true>(th, ep, m, k.c_ema[p], k.c_theta[p]);
+      update_profile<P, RESET, true>(th, ep, m, k.weight[p]);
     } else {
-      update_profile<P, RESET, false>(th, ep, m, k.c_ema[p], k.c_theta[p]);
+      update_profile<P, RESET, false>(th, ep, m, k.weight[p]);
     }
   }
   if constexpr (BEMA || TEACH) {
@@ -212,18 +215,17 @@ void check_state(const at::Tensor& t, int64_t total, const char* what) {
 
 void averager_update(at::TensorList params, at::TensorList teachers, const at::Tensor& ema,
                      const std::optional<at::Tensor>& theta0, const std::optional<at::Tensor>& out,
-                     const at::Tensor& flag, at::ArrayRef<double> c_ema,
-                     at::ArrayRef<double> c_theta, double alpha, bool reset, bool teacher_ema,
-                     int64_t teacher_profile) {
+                     const at::Tensor& flag, at::ArrayRef<double> weights, double alpha,
+                     bool reset, bool teacher_ema, int64_t teacher_profile) {
   TORCH_CHECK(!params.empty(), "averager_update: no parameters");
   TORCH_CHECK(teachers.empty() || teachers.size() == params.size(),
               "averager_update: got ", teachers.size(), " teacher tensors for ", params.size(),
               " parameters");
   TORCH_CHECK(theta0.has_value() == out.has_value(),
               "averager_update: theta0 and out go together (BEMA) or are both absent (EMA)");
-  const int64_t profiles = static_cast<int64_t>(c_ema.size());
-  TORCH_CHECK(profiles >= 1 && profiles <= kMaxProfiles && c_theta.size() == c_ema.size(),
-              "averager_update: 1 to ", kMaxProfiles, " profiles, one c_ema and c_theta each");
+  const int64_t profiles = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(profiles >= 1 && profiles <= kMaxProfiles, "averager_update: 1 to ", kMaxProfiles,
+              " profiles (one weight each), got ", profiles);
   TORCH_CHECK(!theta0 || profiles == 1, "averager_update: BEMA has one profile");
   TORCH_CHECK(teacher_profile >= 0 && teacher_profile < profiles,
               "averager_update: teacher_profile out of range");
@@ -253,8 +255,7 @@ void averager_update(at::TensorList params, at::TensorList teachers, const at::T
               "averager_update: flag must be a CPU int32 tensor");
   Coeffs k{};
   for (int64_t p = 0; p < profiles; ++p) {
-    k.c_ema[p] = static_cast<float>(c_ema[p]);
-    k.c_theta[p] = static_cast<float>(c_theta[p]);
+    k.weight[p] = static_cast<float>(weights[p]);
   }
   k.alpha = static_cast<float>(alpha);
   k.profiles = profiles;
@@ -280,8 +281,8 @@ void averager_update(at::TensorList params, at::TensorList teachers, const at::T
 TORCH_LIBRARY_FRAGMENT(emalora_fast, m) {
   m.def(
       "averager_update(Tensor[] params, Tensor(a!)[] teachers, Tensor(b!) ema, "
-      "Tensor(c!)? theta0, Tensor(d!)? out, Tensor(e!) flag, float[] c_ema, float[] c_theta, "
-      "float alpha, bool reset, bool teacher_ema=False, int teacher_profile=0) -> ()");
+      "Tensor(c!)? theta0, Tensor(d!)? out, Tensor(e!) flag, float[] weights, float alpha, "
+      "bool reset, bool teacher_ema=False, int teacher_profile=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(emalora_fast, CPU, m) { m.impl("averager_update", &averager_update); }

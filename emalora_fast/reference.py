@@ -24,8 +24,7 @@ def averager_update_(
     out: list[torch.Tensor] | None,
     teachers: list[torch.Tensor] | None,
     flag: torch.Tensor,
-    c_ema: list[float],
-    c_theta: list[float],
+    weights: list[float],
     alpha: float,
     reset: bool,
     teacher_from_ema: bool = False,
@@ -36,7 +35,7 @@ def averager_update_(
     For each tensor (theta cast to the state dtype) and each profile k::
 
         reset:  ema[k] = theta0 = out = theta
-        update: ema[k] = c_ema[k] * ema[k] + c_theta[k] * theta
+        update: ema[k] = ema[k] + w[k] * (theta - ema[k])       (the lerp form)
                 out    = ema[0] + alpha * (theta - theta0)       (BEMA, K = 1: theta0/out given)
         teacher = (out if BEMA and not teacher_from_ema else ema[teacher_profile]), cast to the
                   teacher's dtype
@@ -50,8 +49,8 @@ def averager_update_(
         out: BEMA outputs, or None for EMA (given together with ``theta0``).
         teachers: tensors to receive the averaged value, or None.
         flag: int32 tensor of one element, set to 1 on a non-finite theta.
-        c_ema: per profile, weight of the old shadow (EMA: d; BEMA: 1 - beta).
-        c_theta: per profile, weight of theta (EMA: 1 - d; BEMA: beta).
+        weights: per profile, the weight w of theta (EMA: 1 - d; BEMA: beta), a host float
+            (rounded to the state dtype by the arithmetic: fp32 once, or kept in float64).
         alpha: BEMA bias-correction weight.
         reset: copy theta into the state instead of averaging.
         teacher_from_ema: BEMA: the teachers receive ``ema`` instead of ``out``.
@@ -64,7 +63,7 @@ def averager_update_(
         ok = torch.isfinite(theta)
         flag.copy_(torch.maximum(flag, (~ok.all()).to(flag.dtype)))
         for k in range(e.shape[0]):
-            new_ema = theta if reset else c_ema[k] * e[k] + c_theta[k] * theta
+            new_ema = theta if reset else e[k] + weights[k] * (theta - e[k])
             e[k].copy_(torch.where(ok, new_ema, e[k]))
         avg = e[teacher_profile]
         if is_bema:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from emalora_fast.experiments.data import VOCAB_SIZE, encode_bytes, load_text
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from emalora_fast.experiments.data import VOCAB_SIZE, encode_bytes, load_text
 from emalora_fast.integrations.lightning import AdapterWeightAveraging
 
 try:

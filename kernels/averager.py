@@ -1,5 +1,10 @@
 """Multi-tensor fused EMA / BEMA update: one launch for every tensor of a group.
 
+Each profile k of the fp32 shadows updates in the lerp form ``ema <- ema + w_k * (theta - ema)``
+with one weight per profile (EMA: ``w = 1 - d``, BEMA: ``w = beta``) computed in float64 on the
+host and passed as an fp32 scalar: a constant theta keeps the shadow bit-equal to it, which
+``d * ema + (1 - d) * theta`` (two separately rounded weights) does not.
+
 The launcher keeps, on the device, a table of the tensors' data pointers and a block map
 (block -> tensor, element offset), built once by :class:`AveragerPlan` and rebuilt by the caller
 only when a parameter's storage moved. A launch therefore has no cap on the tensor count and its
@@ -58,14 +63,6 @@ def _average_block(
     out_at,  # [BLOCK] pointers into the BEMA output (BEMA only)
     teacher_at,  # [BLOCK] pointers into the teacher tensor (HAS_TEACHER only)
     mask,  # [BLOCK] elements to update, or None for all of them
-    e0,
-    e1,
-    e2,
-    e3,
-    e4,
-    e5,
-    e6,
-    e7,  # per profile, weight of the old shadow
     w0,
     w1,
     w2,
@@ -73,7 +70,7 @@ def _average_block(
     w4,
     w5,
     w6,
-    w7,  # per profile, weight of theta
+    w7,  # per profile, weight w of theta: ema + w * (theta - ema)
     alpha,
     TEACHER_DTYPE: tl.constexpr,
     IS_BEMA: tl.constexpr,
@@ -96,9 +93,8 @@ def _average_block(
                 ema = tl.load(at)
             else:
                 ema = tl.load(at, mask=mask, other=0.0)
-            c_ema = _pick(k, e0, e1, e2, e3, e4, e5, e6, e7)
-            c_theta = _pick(k, w0, w1, w2, w3, w4, w5, w6, w7)
-            ema = c_ema * ema + c_theta * theta
+            w = _pick(k, w0, w1, w2, w3, w4, w5, w6, w7)
+            ema = ema + w * (theta - ema)
         tl.store(at, ema, mask=mask)
         if k == 0:
             ema0 = ema
@@ -134,14 +130,6 @@ def _averager_kernel(
     out_ptr,  # [P] fp32 BEMA output (BEMA only)
     flag_ptr,  # [1] int32 set to 1 when a theta element is not finite
     stride,  # P, elements of one profile
-    e0,
-    e1,
-    e2,
-    e3,
-    e4,
-    e5,
-    e6,
-    e7,  # fp32 per profile: weight of the old shadow (K used)
     w0,
     w1,
     w2,
@@ -149,7 +137,7 @@ def _averager_kernel(
     w4,
     w5,
     w6,
-    w7,  # fp32 per profile: weight of theta
+    w7,  # fp32 per profile: weight w of theta, ema + w * (theta - ema) (K used)
     alpha,  # fp32 BEMA bias-correction weight
     PARAM_DTYPE: tl.constexpr,
     TEACHER_DTYPE: tl.constexpr,
@@ -200,7 +188,7 @@ def _averager_kernel(
     if fast:
         _average_block(
             theta, ema_at, stride, theta0_at, out_at, teacher_at, None,
-            e0, e1, e2, e3, e4, e5, e6, e7, w0, w1, w2, w3, w4, w5, w6, w7, alpha,
+            w0, w1, w2, w3, w4, w5, w6, w7, alpha,
             TEACHER_DTYPE, IS_BEMA, RESET, HAS_TEACHER, TEACHER_EMA, PROFILES, TEACHER_PROFILE,
         )  # fmt: skip
     else:
@@ -208,7 +196,7 @@ def _averager_kernel(
         tl.store(flag_ptr, bad, mask=bad > 0)
         _average_block(
             theta, ema_at, stride, theta0_at, out_at, teacher_at, in_bounds & finite,
-            e0, e1, e2, e3, e4, e5, e6, e7, w0, w1, w2, w3, w4, w5, w6, w7, alpha,
+            w0, w1, w2, w3, w4, w5, w6, w7, alpha,
             TEACHER_DTYPE, IS_BEMA, RESET, HAS_TEACHER, TEACHER_EMA, PROFILES, TEACHER_PROFILE,
         )  # fmt: skip
 
@@ -263,8 +251,7 @@ def averager_launch(
     theta0: torch.Tensor | None,
     out: torch.Tensor | None,
     flag: torch.Tensor,
-    c_ema: list[float],
-    c_theta: list[float],
+    weights: list[float],
     alpha: float,
     reset: bool,
     teacher_ema: bool = False,
@@ -272,11 +259,12 @@ def averager_launch(
 ) -> Launch:
     """The launch of :func:`averager_update` (what the compile check compiles).
 
-    ``ema`` is [K, P] (or [P]) for the K profiles whose weights ``c_ema``/``c_theta`` list.
+    ``ema`` is [K, P] (or [P]) for the K profiles whose weights of theta ``weights`` lists
+    (host floats, rounded to fp32 once: EMA ``1 - d``, BEMA ``beta``).
     """
-    profiles = len(c_ema)
-    if not 1 <= profiles <= MAX_PROFILES or len(c_theta) != profiles:
-        raise ValueError(f"1 to {MAX_PROFILES} profiles, one c_ema and c_theta each")
+    profiles = len(weights)
+    if not 1 <= profiles <= MAX_PROFILES:
+        raise ValueError(f"1 to {MAX_PROFILES} profiles (one weight each), got {profiles}")
     if ema.numel() != profiles * plan.numel:
         raise ValueError(f"ema holds {ema.numel()} elements, not {profiles} x {plan.numel}")
     if not 0 <= teacher_profile < profiles:
@@ -302,9 +290,7 @@ def averager_launch(
             out if is_bema else ema,
             flag,
             plan.numel,
-            *[float(c) for c in c_ema],
-            *pad,
-            *[float(c) for c in c_theta],
+            *[float(w) for w in weights],
             *pad,
             alpha,
         ),

@@ -141,8 +141,8 @@ def _averager_case(p: dict) -> Case:
         flag = _meta(1, dtype=torch.int32)
         extra = _launcher_kwargs(averager.averager_launch, p)  # reset, and any new switch
         return averager.averager_launch(plan, ema, _meta(plan.numel) if bema else None,
-                                        _meta(plan.numel) if bema else None, flag, [0.9] * k,
-                                        [0.1] * k, 0.3, **extra)  # fmt: skip
+                                        _meta(plan.numel) if bema else None, flag, [0.1] * k,
+                                        0.3, **extra)  # fmt: skip
 
     per_thread = averager.BLOCK // (32 * 4)
     size = {BF16: 2, FP16: 2, FP32: 4, FP64: 8}

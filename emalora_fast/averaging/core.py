@@ -14,11 +14,12 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .. import _dispatch, _watch, distributed, reference
-from .._checks import check_choice, check_int, check_param
+from .._checks import check_choice, check_int, check_param, real_scalar
 from . import peft_utils
 from .state import StateMixin
 
@@ -312,9 +313,10 @@ class Averager(StateMixin):
     # ----------------------------------------------------------------------------------------
     # The update
 
-    def _coefficients(self, t: int) -> tuple[list[float], list[float], float, bool] | None:
-        """(c_ema per profile, c_theta per profile, alpha, reset) of step t, or None when step
-        t does nothing."""
+    def _coefficients(self, t: int) -> tuple[list[float], float, bool] | None:
+        """(weights, alpha, reset) of step t, or None when step t does nothing: per profile the
+        weight w of theta in ``ema + w * (theta - ema)`` (EMA 1 - d, BEMA beta; a float64 host
+        float the kernels round to fp32 once), BEMA's alpha, and whether to copy theta instead."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -343,7 +345,7 @@ class Averager(StateMixin):
                 self._launch(self._groups[0], *coeffs)
             else:
                 self._launch_all_or_none(coeffs)
-            if coeffs[3]:
+            if coeffs[2]:
                 self._anchored = True
         self.step = t  # only once every launch went through: a failed update changes nothing
         self._after_update(t)
@@ -370,8 +372,7 @@ class Averager(StateMixin):
     def _launch(
         self,
         g: _Group,
-        c_ema: list[float],
-        c_theta: list[float],
+        weights: list[float],
         alpha: float,
         reset: bool,
     ) -> None:
@@ -380,12 +381,12 @@ class Averager(StateMixin):
         if g.backend == "triton":
             _dispatch.load_triton("averager").averager_update(
                 g.plan, g.ema, g.theta0, g.out, g.flag,
-                c_ema, c_theta, alpha, reset, teacher_ema, tp,
+                weights, alpha, reset, teacher_ema, tp,
             )  # fmt: skip
         elif g.backend == "cpp":
             torch.ops.emalora_fast.averager_update(
                 g.locals, g.teacher_locals, g.ema, g.theta0, g.out, g.flag,
-                c_ema, c_theta, alpha, reset, teacher_ema, tp,
+                weights, alpha, reset, teacher_ema, tp,
             )  # fmt: skip
         else:
             reference.averager_update_(
@@ -395,8 +396,7 @@ class Averager(StateMixin):
                 g.views.get("out"),
                 g.teacher_locals or None,
                 g.flag,
-                c_ema,
-                c_theta,
+                weights,
                 alpha,
                 reset,
                 teacher_from_ema=teacher_ema,
@@ -439,11 +439,12 @@ class Averager(StateMixin):
         if profile is None:
             return 0
         values = self._profile_values
-        if isinstance(profile, float) and profile in values:
-            return values.index(profile)
-        if isinstance(profile, int) and not isinstance(profile, bool):
+        value = real_scalar(profile)
+        if isinstance(profile, int | np.integer) and not isinstance(profile, bool):
             if 0 <= profile < self._profiles:
-                return profile
+                return int(profile)
+        elif value is not None and value in values:
+            return values.index(value)
         raise ValueError(
             f"profile must be an index in [0, {self._profiles}) or one of {list(values)}, "
             f"got {profile!r}"
@@ -621,5 +622,5 @@ def _register_cpp_fake() -> None:
     _dispatch.load_cpp()
 
     @torch.library.register_fake("emalora_fast::averager_update")
-    def _(params, teachers, ema, theta0, out, flag, c_ema, c_theta, alpha, reset, teacher_ema, tp):
+    def _(params, teachers, ema, theta0, out, flag, weights, alpha, reset, teacher_ema, tp):
         return None

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from torch import nn
 
 from .. import _dispatch
-from .._checks import check_choice, check_float
+from .._checks import check_choice, check_float, is_real_scalar
 from . import peft_utils
 from .core import Averager
 from .schedules import BemaSchedule, bema_coefficients, ema_decay
@@ -32,13 +32,15 @@ TeacherWeights = Literal["ema", "bema"]
 
 
 class EMA(Averager):
-    """Exponential moving average of an adapter: ``shadow <- d*shadow + (1 - d)*theta``.
+    """Exponential moving average of an adapter: ``shadow <- shadow + (1 - d)*(theta - shadow)``.
 
     Steps count optimizer updates (1 after the first), as in timm's ``ModelEmaV3`` driven by
     timm's train loop, whose rule this follows exactly: with ``s = t - update_after - 1`` the
     shadow copies theta while ``s <= 0``; then it updates when ``s % update_every == 0`` with
     ``d = decay``, or with warmup ``d = clip(1 - (1 + s/warmup_gamma) ** -warmup_power,
-    min_decay, decay)``.
+    min_decay, decay)``. The update is the lerp form (torch's ``lerp``, timm's, AveragedModel's):
+    ``1 - d`` is computed in float64 and rounded to fp32 once, and weights that stop changing
+    keep the shadow bit-equal to them.
 
     Several decays, ``EMA(model, decay=(0.99, 0.999, 0.9999))``, keep one shadow per decay (a
     "profile"), all updated in the same launch from one read of the weights (4 + 8K bytes per
@@ -87,17 +89,17 @@ class EMA(Averager):
         backend: _dispatch.Backend = "auto",
     ) -> None:
         decays = _check_decays(decay)
-        check_float("warmup_gamma", warmup_gamma, low=0.0, open_low=True)
-        check_float("warmup_power", warmup_power, low=0.0, open_low=True)
-        check_float("min_decay", min_decay, low=0.0, high=min(decays))
+        warmup_gamma = check_float("warmup_gamma", warmup_gamma, low=0.0, open_low=True)
+        warmup_power = check_float("warmup_power", warmup_power, low=0.0, open_low=True)
+        min_decay = check_float("min_decay", min_decay, low=0.0, high=min(decays))
         self.decays = self._profile_values = decays
-        self.decay = decays[0] if isinstance(decay, (int, float)) else decays
+        self.decay = decays[0] if is_real_scalar(decay) else decays
         self._profiles = len(decays)
         self.teacher_profile = self._profile_index(teacher_profile)
         self.warmup = bool(warmup)
-        self.warmup_gamma = float(warmup_gamma)
-        self.warmup_power = float(warmup_power)
-        self.min_decay = float(min_decay)
+        self.warmup_gamma = warmup_gamma
+        self.warmup_power = warmup_power
+        self.min_decay = min_decay
         super().__init__(
             model,
             update_after=update_after,
@@ -135,16 +137,14 @@ class EMA(Averager):
         )
         return ds if isinstance(self.decay, tuple) else ds[0]
 
-    def _coefficients(self, t: int) -> tuple[list[float], list[float], float, bool] | None:
+    def _coefficients(self, t: int) -> tuple[list[float], float, bool] | None:
         s = t - self.update_after - 1
-        k = self._profiles
         if s <= 0:
-            return [1.0] * k, [0.0] * k, 0.0, True
+            return [1.0] * self._profiles, 0.0, True
         if s % self.update_every:
             return None
         ds = self.current_decay(t)
-        ds = ds if isinstance(ds, tuple) else (ds,)
-        return list(ds), [1.0 - d for d in ds], 0.0, False
+        return [1.0 - d for d in (ds if isinstance(ds, tuple) else (ds,))], 0.0, False
 
 
 class BEMA(Averager):
@@ -154,8 +154,10 @@ class BEMA(Averager):
 
         beta_t  = max((lag + multiplier*t) ** -ema_power, min_ema_multiplier)
         alpha_t = (lag + multiplier*t) ** -bias_power
-        ema    <- (1 - beta_t) * ema + beta_t * theta_t
+        ema    <- ema + beta_t * (theta_t - ema)      (= (1 - beta_t)*ema + beta_t*theta_t)
         bema    = ema + alpha_t * (theta_t - theta_0)
+
+    (the EMA part in the lerp form, as :class:`EMA`: beta_t is rounded to fp32 once).
 
     At ``t == update_after`` (the first update at or after it), theta_0 and ema are reset to
     theta_t; afterwards it updates when ``(t - update_after) % update_every == 0``. With
@@ -208,18 +210,15 @@ class BEMA(Averager):
         teacher_adapter: str | None = None,
         backend: _dispatch.Backend = "auto",
     ) -> None:
-        check_float("ema_power", ema_power, low=0.0)
-        check_float("bias_power", bias_power, low=0.0)
-        check_float("lag", lag, low=0.0, open_low=True)
-        check_float("multiplier", multiplier, low=0.0, open_low=True)
-        check_float("min_ema_multiplier", min_ema_multiplier, low=0.0, high=1.0)
+        self.ema_power = check_float("ema_power", ema_power, low=0.0)
+        self.bias_power = check_float("bias_power", bias_power, low=0.0)
+        self.lag = check_float("lag", lag, low=0.0, open_low=True)
+        self.multiplier = check_float("multiplier", multiplier, low=0.0, open_low=True)
+        self.min_ema_multiplier = check_float(
+            "min_ema_multiplier", min_ema_multiplier, low=0.0, high=1.0
+        )
         check_choice("schedule", schedule, ("trl", "paper"))
         check_choice("teacher_weights", teacher_weights, ("ema", "bema"))
-        self.ema_power = float(ema_power)
-        self.bias_power = float(bias_power)
-        self.lag = float(lag)
-        self.multiplier = float(multiplier)
-        self.min_ema_multiplier = float(min_ema_multiplier)
         self.schedule = schedule
         self.teacher_weights = teacher_weights
         self._teacher_view = "ema" if teacher_weights == "ema" else "out"
@@ -257,25 +256,26 @@ class BEMA(Averager):
             schedule=self.schedule,
         )
 
-    def _coefficients(self, t: int) -> tuple[list[float], list[float], float, bool] | None:
+    def _coefficients(self, t: int) -> tuple[list[float], float, bool] | None:
         if t < self.update_after:
             return None
         if not self._anchored:
-            return [1.0], [0.0], 0.0, True
+            return [1.0], 0.0, True
         if (t - self.update_after) % self.update_every:
             return None
         beta, alpha = self.coefficients(t)
-        return [1.0 - beta], [beta], alpha, False
+        return [beta], alpha, False
 
 
 def _check_decays(decay: Any) -> tuple[float, ...]:
-    """One decay or a sequence of 1 to 8 distinct ones, each in (0, 1)."""
-    many = not isinstance(decay, (int, float)) or isinstance(decay, bool)
-    values = tuple(decay) if many and isinstance(decay, Sequence) else (decay,)
+    """One decay (any real scalar) or a sequence of 1 to 8 distinct ones, each in (0, 1)."""
+    many = isinstance(decay, Sequence) and not isinstance(decay, (str, bytes))
+    values = tuple(decay) if many and not is_real_scalar(decay) else (decay,)
     if not 1 <= len(values) <= 8:
         raise ValueError(f"decay must be one value or 1 to 8 values, got {decay!r}")
-    for d in values:
-        check_float("decay", d, low=0.0, high=1.0, open_low=True, open_high=True)
-    if len(set(values)) != len(values):
+    floats = tuple(
+        check_float("decay", d, low=0.0, high=1.0, open_low=True, open_high=True) for d in values
+    )
+    if len(set(floats)) != len(floats):
         raise ValueError(f"the decays must differ, got {decay!r}")
-    return tuple(float(d) for d in values)
+    return floats

@@ -45,7 +45,8 @@ class PostHocEMA(Averager):
     clock is ``s = t - update_after``; updates at ``s <= 0`` only copy the weights.
 
     **Update.** Profile k (exponent ``gamma_k`` from ``sigma_rels[k]``) updates
-    ``shadow_k <- beta * shadow_k + (1 - beta) * theta`` with EDM2's decay for an update that
+    ``shadow_k <- shadow_k + (1 - beta) * (theta - shadow_k)`` (the lerp form: a constant theta
+    is kept exactly) with EDM2's decay for an update that
     follows the previous one by ``delta`` steps: ``beta = (1 - delta/s) ** (gamma_k + 1)``
     (``delta = s`` for the first update after ``update_after``: a copy). Updates may come at
     any steps (every step, every 3rd, irregular): the average after the update at s gives the
@@ -114,12 +115,13 @@ class PostHocEMA(Averager):
         teacher_adapter: str | None = None,
         backend: _dispatch.Backend = "auto",
     ) -> None:
-        sigma_rels = tuple(sigma_rels)
-        if not 1 <= len(sigma_rels) <= 8 or len(set(sigma_rels)) != len(sigma_rels):
-            raise ValueError(f"sigma_rels must be 1 to 8 distinct widths, got {sigma_rels!r}")
+        given = tuple(sigma_rels)
         top = posthoc_math.sigma_rel_of(0.0)
-        for s in sigma_rels:
-            check_float("sigma_rel", s, low=0.0, high=top, open_low=True)
+        sigma_rels = tuple(
+            check_float("sigma_rel", s, low=0.0, high=top, open_low=True) for s in given
+        )
+        if not 1 <= len(sigma_rels) <= 8 or len(set(sigma_rels)) != len(sigma_rels):
+            raise ValueError(f"sigma_rels must be 1 to 8 distinct widths, got {given!r}")
         if snapshot_every is not None:
             check_int("snapshot_every", snapshot_every, minimum=1)
             if snapshot_dir is None:
@@ -168,13 +170,12 @@ class PostHocEMA(Averager):
             "snapshot_every": self.snapshot_every,
         }
 
-    def _coefficients(self, t: int) -> tuple[list[float], list[float], float, bool]:
+    def _coefficients(self, t: int) -> tuple[list[float], float, bool]:
         s = t - self.update_after
-        k = self._profiles
         if s <= 1:
-            return [1.0] * k, [0.0] * k, 0.0, True
-        betas = self._betas(t)
-        return betas, [1.0 - b for b in betas], 0.0, False
+            return [1.0] * self._profiles, 0.0, True
+        # The weight of theta in the lerp form, shadow + (1 - beta) * (theta - shadow).
+        return [1.0 - b for b in self._betas(t)], 0.0, False
 
     def _betas(self, t: int) -> list[float]:
         """EDM2's decays of an update at global step t, per profile: ``(1 - delta/s)**(g + 1)``

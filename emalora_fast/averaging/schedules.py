@@ -20,7 +20,7 @@ def ema_decay(
     warmup_power: float = 2 / 3,
     min_decay: float = 0.0,
 ) -> float:
-    """Decay d of the EMA update ``shadow <- d * shadow + (1 - d) * theta``.
+    """Decay d of the EMA update ``shadow <- shadow + (1 - d) * (theta - shadow)``.
 
     ``steps_since_start`` is timm's ``s = t - update_after - 1`` for t optimizer steps taken:
     ``s <= 0`` gives 0 (the shadow copies theta); otherwise ``decay``, or with warmup

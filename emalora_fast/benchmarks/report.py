@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import averager as averager_cases
-from .timing import copy_case, measure
+from .timing import copy_case, measure, measure_rounds
 
 # Goals of the project, per row kind (see ARCHITECTURE.md, performance section).
 GOAL_COPY_FRACTION = {"cuda": 0.90, "cpu": 0.70}
@@ -36,6 +36,8 @@ class Row:
     gbps: float | None = None  # floor bytes / time
     copy_fraction: float | None = None  # gbps / copy bandwidth of the same run
     speedup: float | None = None  # baseline time / this time (ours only)
+    speedup_lo: float | None = None  # the spread of the speed-up: lowest of one round
+    speedup_hi: float | None = None  # highest of one round
     baseline: str | None = None  # what the speed-up is against
     extra_mem_mib: float | None = None  # extra peak memory of one forward + backward
     mem_vs_naive: float | None = None  # extra memory / naive's
@@ -86,20 +88,26 @@ def _bandwidth_rows(
     floor_bytes: int,
     baseline: str,
     device: torch.device,
+    rounds: int,
     reps: int,
 ) -> list[Row]:
-    """One row per provider and one for the copy of the same bytes, timed side by side: the
-    floor bytes per element over each time, as a fraction of the copy's bandwidth."""
-    copy_t = measure(copy_case(numel, device), device, reps=reps)
+    """One row per provider and one for the copy of the same bytes, timed side by side in
+    interleaved rounds (:func:`~.timing.measure_rounds`): the least disturbed round's time,
+    the floor bytes per element over it as a fraction of the copy's bandwidth, and our
+    speed-up over the best alternative with its lowest and highest value in one round."""
+    fns = {**providers, "copy": copy_case(numel, device)}
+    timed = measure_rounds(fns, device, rounds=rounds, reps=reps)
+    copy_t = timed.best("copy")
     copy_gbps = 8 * numel / copy_t / 1e9
-    times = {p: measure(fn, device, reps=reps) for p, fn in providers.items()}
-    best_alt = min(t for p, t in times.items() if p != "emalora")
+    alternatives = [p for p in providers if p != "emalora"]
     rows = []
-    for p, t in times.items():
+    for p in providers:
+        t = timed.best(p)
         gbps = floor_bytes * numel / t / 1e9
         row = Row(bench, case, p, t * 1e3, gbps, gbps / copy_gbps)
         if p == "emalora":
-            row.speedup, row.baseline = best_alt / t, baseline
+            row.speedup, row.speedup_lo, row.speedup_hi = timed.ratio(alternatives, p)
+            row.baseline = baseline
         rows.append(row)
     rows.append(Row(bench, case, "copy", copy_t * 1e3, copy_gbps, 1.0))
     return rows
@@ -111,15 +119,16 @@ def bench_averager(device: torch.device, quick: bool) -> list[Row]:
         sets = [("tiny", None), ("llama3-8b", None)] + ([] if quick else [("llama3-70b", None)])
     else:
         sets = [("tiny", None), ("llama3-8b", 8)]
-    reps = 5 if quick else 20
+    rounds, reps = (5, 3) if quick else (15, 5)
     for model, layers in sets:
         case = model + (f"[{layers} layers]" if layers else "")
         for kind in ("ema", "bema"):
             providers, numel = averager_cases.cases(kind, model, device, layers=layers)
             floor = averager_cases.FLOOR_BYTES[kind]
             new = _bandwidth_rows(
-                f"averager-{kind}", case, providers, numel, floor, "best torch form", device, reps
-            )
+                f"averager-{kind}", case, providers, numel, floor, "best torch form", device,
+                rounds, reps,
+            )  # fmt: skip
             ours = new[list(providers).index("emalora")]
             ours.goal_ratio = ours.copy_fraction / GOAL_COPY_FRACTION[device.type]
             if kind == "bema":
@@ -140,7 +149,7 @@ def bench_profiles(device: torch.device, quick: bool) -> list[Row]:
         floor = averager_cases.profile_floor_bytes(k)
         rows += _bandwidth_rows(
             f"profiles-k{k}", case, providers, numel, floor, "best of K separate updates",
-            device, 5 if quick else 20,
+            device, *((5, 3) if quick else (15, 5)),
         )  # fmt: skip
     return rows
 
@@ -295,9 +304,19 @@ def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+def _cells(row: Row) -> dict[str, str]:
+    """A row as printed: the speed-up followed by its spread over the rounds, (low-high)."""
+    values = asdict(row)
+    lo, hi = values.pop("speedup_lo"), values.pop("speedup_hi")
+    cells = {k: _fmt(v) for k, v in values.items()}
+    if lo is not None:
+        cells["speedup"] += f" ({_fmt(lo)}-{_fmt(hi)})"
+    return cells
+
+
 def print_table(rows: list[Row]) -> str:
-    cols = list(asdict(rows[0]).keys())
-    body = [[_fmt(v) for v in asdict(r).values()] for r in rows]
+    cols = list(_cells(rows[0]))
+    body = [list(_cells(r).values()) for r in rows]
     widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines.append("-+-".join("-" * w for w in widths))
@@ -326,10 +345,30 @@ def _plot(rows: list[Row], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def bench_device(device: str | None) -> torch.device:
+    """The device to benchmark on (default: cuda if present, else cpu); a ValueError with one
+    line saying why when it cannot be used."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: give cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: the benchmarks run on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU"
+            raise ValueError(f"no CUDA device is available ({why}); run with --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"no CUDA device {dev.index}: {torch.cuda.device_count()} present")
+    return dev
+
+
 def run_bench(
     quick: bool = False, output_dir: str = "emalora-runs/bench", device: str | None = None
 ) -> list[Row]:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = bench_device(device)
     meta = _metadata(dev)
     print(f"emalora-fast bench on {meta['device']} ({dev.type}), torch {meta['torch']}, "
           f"triton {meta['triton']}, {meta['threads']} threads")  # fmt: skip
