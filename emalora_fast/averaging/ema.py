@@ -70,6 +70,10 @@ class EMA(Averager):
     """
 
     _kind = "ema"
+    _hyperparameters = (
+        *Averager._hyperparameters,
+        *("decay", "warmup", "warmup_gamma", "warmup_power", "min_decay"),
+    )
 
     def __init__(
         self,
@@ -109,16 +113,6 @@ class EMA(Averager):
             teacher_adapter=teacher_adapter,
             backend=backend,
         )
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {
-            **super().hyperparameters(),
-            "decay": self.decay,
-            "warmup": self.warmup,
-            "warmup_gamma": self.warmup_gamma,
-            "warmup_power": self.warmup_power,
-            "min_decay": self.min_decay,
-        }
 
     def current_decay(self, step: int | None = None) -> float | tuple[float, ...]:
         """The decay d used at ``step`` (default: the last step); 0 where the shadow copies.
@@ -190,6 +184,10 @@ class BEMA(Averager):
     """
 
     _kind = "bema"
+    _hyperparameters = (
+        *Averager._hyperparameters,
+        *("ema_power", "bias_power", "lag", "multiplier", "min_ema_multiplier", "schedule"),
+    )
     _is_bema = True
 
     def __init__(
@@ -231,17 +229,6 @@ class BEMA(Averager):
             teacher_adapter=teacher_adapter,
             backend=backend,
         )
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {
-            **super().hyperparameters(),
-            "ema_power": self.ema_power,
-            "bias_power": self.bias_power,
-            "lag": self.lag,
-            "multiplier": self.multiplier,
-            "min_ema_multiplier": self.min_ema_multiplier,
-            "schedule": self.schedule,
-        }
 
     def coefficients(self, step: int) -> tuple[float, float]:
         """(beta_t, alpha_t) at global step ``step``."""

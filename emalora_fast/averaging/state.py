@@ -15,9 +15,12 @@ class StateMixin:
     """The state half of the averagers; expects ``_groups``, ``_names``, ``_kind``, ``_is_bema``,
     ``step``, ``_anchored``, ``_teacher_view`` and ``update_after``/``update_every``."""
 
+    # The attributes that define the average; a subclass extends the tuple with its own.
+    _hyperparameters: tuple[str, ...] = ("update_after", "update_every")
+
     def hyperparameters(self) -> dict[str, Any]:
         """The settings that define the average (compared on :meth:`load_state_dict`)."""
-        return {"update_after": self.update_after, "update_every": self.update_every}
+        return {name: getattr(self, name) for name in self._hyperparameters}
 
     def _state_tensors(self, profiles_first: bool = False) -> dict[str, dict[str, torch.Tensor]]:
         """Views of the state by key and parameter name. ``ema`` views are [K, *shape] with
