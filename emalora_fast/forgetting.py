@@ -305,7 +305,7 @@ def answer_scores(
     with _EvalMode(model):
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
-            enc = {k: v.to(device) for k, v in enc.items()}
+            enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
             width = max(len(a) for a in a_ids[i : i + batch_size]) + 2
             gen = model.generate(**enc, max_new_tokens=width, do_sample=False, pad_token_id=pad)
             texts = tokenizer.batch_decode(

@@ -424,6 +424,48 @@ _FACTS = (
 )
 
 
+# Added after the first build kept 97 of the items above (appended, so that ids stay stable).
+_MORE_CAPITALS = (
+    ("Brazil", "Bras"),
+    ("Pakistan", "Islamabad"),
+    ("Bangladesh", "Dhaka"),
+    ("Morocco", "Rabat"),
+    ("Algeria", "Algiers"),
+    ("Tunisia", "Tunis"),
+    ("Libya", "Tripoli"),
+    ("Syria", "Damascus"),
+    ("Lebanon", "Beirut"),
+    ("Jordan", "Amman"),
+    ("Afghanistan", "Kabul"),
+    ("Nepal", "Kathmandu"),
+    ("Sri Lanka", "Colombo"),
+    ("Malaysia", "Kuala"),
+    ("New Zealand", "Wellington"),
+    ("Jamaica", "Kingston"),
+    ("Bulgaria", "Sofia"),
+    ("Serbia", "Belgrade"),
+    ("Croatia", "Zagreb"),
+    ("Slovakia", "Bratislava"),
+    ("Iceland", "Reykjav"),
+    ("Estonia", "Tallinn"),
+    ("Latvia", "Riga"),
+    ("Lithuania", "Vilnius"),
+    ("Wales", "Cardiff"),
+    ("Ghana", "Accra"),
+    ("Senegal", "Dakar"),
+    ("Uganda", "Kampala"),
+    ("Zimbabwe", "Harare"),
+    ("Qatar", "Doha"),
+    ("Kazakhstan", "Astana"),
+    ("Uruguay", "Montevideo"),
+    ("Ecuador", "Quito"),
+    ("Taiwan", "Taipei"),
+    ("North Korea", "Pyongyang"),
+    ("Cambodia", "Phnom"),
+    ("Slovenia", "Ljubljana"),
+)
+
+
 def cloze_candidates() -> list[dict[str, str]]:
     """General-knowledge cloze items ``{"id", "kind", "prompt", "answer"}`` (answer: first word).
 
@@ -434,6 +476,7 @@ def cloze_candidates() -> list[dict[str, str]]:
     items += [("opposite", f"The opposite of {w} is", a) for w, a in _OPPOSITES]
     items += [("sequence", p, a) for p, a in _SEQUENCES]
     items += [("fact", p, a) for p, a in _FACTS]
+    items += [("capital", f"The capital of {c} is", a) for c, a in _MORE_CAPITALS]
     return [{"id": i, "kind": k, "prompt": p, "answer": a} for i, (k, p, a) in enumerate(items)]
 
 

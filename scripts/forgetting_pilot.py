@@ -41,6 +41,18 @@ def interval(values: torch.Tensor, baseline: torch.Tensor | None = None) -> dict
     return (paired(v, baseline.tolist()) if baseline is not None else describe(v)).as_dict()
 
 
+def wait_for(name: str, minutes: float = 30.0) -> list[dict]:
+    """The rows of a shipped data file, waiting while its build is still running."""
+    deadline = time.time() + 60 * minutes
+    while True:
+        try:
+            return ft.load_jsonl(name)
+        except (FileNotFoundError, EOFError, OSError):
+            if time.time() > deadline:
+                raise
+            time.sleep(20)
+
+
 def task_scores(model, tok, facts) -> dict:
     out = {}
     for split, (prompts, answers) in {
@@ -60,18 +72,21 @@ def summarize_task(scores: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--n-facts", type=int, default=ft.N_FACTS, help="train on the first N facts")
+    p.add_argument("--probe-n", type=int, default=200, help="continuations scored (the first N)")
+    p.add_argument("--text-seq", type=int, default=64, help="tokens per held-out text window")
     p.add_argument("--train-minutes", type=float, default=25.0)
     p.add_argument("--base-eval", action="store_true", help="also score the task on the base")
+    p.add_argument("--base-only", action="store_true", help="score the base on the task, stop")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    tag = f"lr{args.lr:g}-seed{args.seed}"
+    tag = "base" if args.base_only else f"lr{args.lr:g}-seed{args.seed}"
     log = open(os.path.join(args.out, f"{tag}.log"), "a")
 
     def save(result: dict) -> None:
@@ -97,13 +112,16 @@ def main() -> None:
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
     }  # fmt: skip
-    if args.base_eval:
+    if args.base_eval or args.base_only:
         t = time.perf_counter()
         base_task = task_scores(model, tok, facts)
         result["base_task"] = summarize_task(base_task)
         result["base_task_raw"] = base_task
         result["seconds_base_task"] = time.perf_counter() - t
         say(f"base task {json.dumps(result['base_task'])}")
+    if args.base_only:
+        save(result)
+        return
 
     torch.manual_seed(args.seed)
     model = peft.get_peft_model(
@@ -154,14 +172,16 @@ def main() -> None:
     say(f"task {json.dumps(result['task'])}")
     save(result)
 
-    cont = ft.load_jsonl(ft.CONTINUATIONS_FILE)
+    cont = wait_for(ft.CONTINUATIONS_FILE)[: args.probe_n]
     pad = tok.pad_token_id
     probes = {
         "continuations": probe_from_pairs(
             [c["prompt_ids"] for c in cont], [c["continuation_ids"] for c in cont], pad
         ),
         "text": probe_from_windows(
-            eval_windows(torch.tensor(tok(load_text("us_founding"))["input_ids"]), 64, 64)
+            eval_windows(
+                torch.tensor(tok(load_text("us_founding"))["input_ids"]), args.text_seq, 64
+            )
         ),
     }
     result["probes"] = {}

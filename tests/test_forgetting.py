@@ -10,6 +10,7 @@ from emalora_fast import forgetting_task as ft
 from emalora_fast.forgetting import (
     ForgettingMonitor,
     ProbeSet,
+    answer_scores,
     forgetting_metrics,
     probe_from_pairs,
     probe_from_windows,
@@ -177,3 +178,39 @@ def test_facts_are_deterministic_and_unique():
     assert {f["relation"] for f in a} == set(ft.RELATIONS)
     assert ft.load_jsonl(ft.FACTS_FILE) == a  # the shipped file is the generator's output
     assert ft.generate_facts(seed=1) != a
+
+
+def word_tokenizer(vocab=VOCAB):
+    """A word-level Hugging Face tokenizer over the words w2..w{vocab-1} (ids 0, 1: pad, unk)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i for i in range(2, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]"
+    )
+
+
+def test_answer_scores_match_float64_reference_and_greedy(seed):
+    model = tiny_peft_llama(vocab=VOCAB, b_std=0.2, seed=seed)
+    tok = word_tokenizer()
+    prompts, answers, expected = [], [], []
+    for i in range(10):
+        ids = torch.randint(2, VOCAB, (int(torch.randint(1, 5, ())),)).tolist()
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+        best = int(logits[2:].argmax()) + 2  # greedy's word (pad and unk never win here)
+        if int(logits.argmax()) != best:
+            continue
+        other = best + 1 if best + 1 < VOCAB else 2
+        answer = best if i % 2 == 0 else other
+        prompts.append(" ".join(f"w{j}" for j in ids))
+        answers.append(f"w{answer}")
+        expected.append((float(torch.log_softmax(logits, -1)[answer]), float(answer == best)))
+    assert len(prompts) >= 4
+    s = answer_scores(model, tok, prompts, answers, match="exact", batch_size=3)
+    torch.testing.assert_close(s["logprob"], torch.tensor([e[0] for e in expected], dtype=torch.float64), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+    assert s["correct"].tolist() == [e[1] for e in expected]
+    assert tok.padding_side == "right"
