@@ -70,58 +70,9 @@ def summarize_task(scores: dict) -> dict:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--n-facts", type=int, default=ft.N_FACTS, help="train on the first N facts")
-    p.add_argument("--probe-n", type=int, default=200, help="continuations scored (the first N)")
-    p.add_argument("--text-seq", type=int, default=64, help="tokens per held-out text window")
-    p.add_argument("--train-minutes", type=float, default=25.0)
-    p.add_argument("--base-eval", action="store_true", help="also score the task on the base")
-    p.add_argument("--base-only", action="store_true", help="score the base on the task, stop")
-    p.add_argument("--out", required=True)
-    args = p.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    tag = "base" if args.base_only else f"lr{args.lr:g}-seed{args.seed}"
-    log = open(os.path.join(args.out, f"{tag}.log"), "a")
-
-    def save(result: dict) -> None:
-        with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-            json.dump(result, f, indent=1)
-
-    def say(msg: str) -> None:
-        log.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
-        log.flush()
-
+def train(model, tok, facts, args, result: dict, say):
+    """Plain LoRA on the facts (training phrasing, loss on the answer); fills ``result``."""
     import peft
-    import transformers
-
-    t0 = time.perf_counter()
-    model, tok = load_smollm2()
-    say(f"loaded in {time.perf_counter() - t0:.0f} s")
-    facts = ft.load_jsonl(ft.FACTS_FILE)[: args.n_facts]
-    result = {
-        "lr": args.lr, "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size,
-        "lora": {"r": args.rank, "alpha": 2 * args.rank, "targets": "all-linear"},
-        "n_facts": len(facts),
-        "versions": {"torch": torch.__version__, "peft": peft.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-    }  # fmt: skip
-    if args.base_eval or args.base_only:
-        t = time.perf_counter()
-        base_task = task_scores(model, tok, facts)
-        result["base_task"] = summarize_task(base_task)
-        result["base_task_raw"] = base_task
-        result["seconds_base_task"] = time.perf_counter() - t
-        say(f"base task {json.dumps(result['base_task'])}")
-    if args.base_only:
-        save(result)
-        return
 
     torch.manual_seed(args.seed)
     model = peft.get_peft_model(
@@ -162,44 +113,98 @@ def main() -> None:
         stopped_by_time=stopped,
     )
     say(f"trained {step} steps in {result['seconds_train']:.0f} s")
-    model.save_pretrained(os.path.join(args.out, f"{tag}-adapter"))
+    return model
+
+
+def probe_kl(model, name: str, probe, result: dict, save, say) -> None:
+    """KL(pi_0 || pi) and NLL per sequence (token means) on one probe, into ``result``."""
+    s = sequence_scores(model, probe, batch_size=16)
+    per_tok = {k: s[k] / s["tokens"] for k in ("kl", "nll", "base_nll")}
+    result["probes"][name] = {
+        "n": len(probe),
+        "tokens": int(s["tokens"].sum()),
+        "kl": interval(per_tok["kl"]),
+        "nll_after": interval(per_tok["nll"]),
+        "nll_base": interval(per_tok["base_nll"]),
+        "nll_change": interval(per_tok["nll"], per_tok["base_nll"]),
+        "raw": {k: v.tolist() for k, v in s.items()},
+    }
+    save(result)
+    say(f"{name} kl {result['probes'][name]['kl']} dnll {result['probes'][name]['nll_change']}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--n-facts", type=int, default=ft.N_FACTS, help="train on the first N facts")
+    p.add_argument("--probe-n", type=int, default=200, help="continuations scored (the first N)")
+    p.add_argument("--text-seq", type=int, default=64, help="tokens per held-out text window")
+    p.add_argument("--train-minutes", type=float, default=25.0)
+    p.add_argument("--base-eval", action="store_true", help="also score the task on the base")
+    p.add_argument("--base-only", action="store_true", help="score the base on the task, stop")
+    p.add_argument("--eval-adapter", help="skip training: score this saved adapter of the run")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    tag = "base" if args.base_only else f"lr{args.lr:g}-seed{args.seed}"
+    log = open(os.path.join(args.out, f"{tag}.log"), "a")
+
+    def save(result: dict) -> None:
+        with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+    def say(msg: str) -> None:
+        log.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+        log.flush()
+
+    import peft
+    import transformers
+
+    t0 = time.perf_counter()
+    model, tok = load_smollm2()
+    say(f"loaded in {time.perf_counter() - t0:.0f} s")
+    facts = ft.load_jsonl(ft.FACTS_FILE)[: args.n_facts]
+    result = {
+        "lr": args.lr, "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size,
+        "lora": {"r": args.rank, "alpha": 2 * args.rank, "targets": "all-linear"},
+        "n_facts": len(facts),
+        "versions": {"torch": torch.__version__, "peft": peft.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    }  # fmt: skip
+    if args.base_eval or args.base_only:
+        t = time.perf_counter()
+        base_task = task_scores(model, tok, facts)
+        result["base_task"] = summarize_task(base_task)
+        result["base_task_raw"] = base_task
+        result["seconds_base_task"] = time.perf_counter() - t
+        say(f"base task {json.dumps(result['base_task'])}")
+    if args.base_only:
+        save(result)
+        return
+
+    if args.eval_adapter:
+        model = peft.PeftModel.from_pretrained(model, args.eval_adapter)
+        with open(os.path.join(args.out, f"{tag}.json")) as f:
+            result = {**json.load(f), **{k: v for k, v in result.items() if k != "versions"}}
+    else:
+        model = train(model, tok, facts, args, result, say)
+        model.save_pretrained(os.path.join(args.out, f"{tag}-adapter"))
     save(result)
 
     t = time.perf_counter()
-    after_task = task_scores(model, tok, facts)
-    result["task"] = summarize_task(after_task)
-    result["task_raw"] = after_task
-    say(f"task {json.dumps(result['task'])}")
-    save(result)
-
-    cont = wait_for(ft.CONTINUATIONS_FILE)[: args.probe_n]
-    pad = tok.pad_token_id
-    probes = {
-        "continuations": probe_from_pairs(
-            [c["prompt_ids"] for c in cont], [c["continuation_ids"] for c in cont], pad
-        ),
-        "text": probe_from_windows(
-            eval_windows(
-                torch.tensor(tok(load_text("us_founding"))["input_ids"]), args.text_seq, 64
-            )
-        ),
-    }
-    result["probes"] = {}
-    for name, probe in probes.items():
-        s = sequence_scores(model, probe, batch_size=16)
-        per_tok = {k: s[k] / s["tokens"] for k in ("kl", "nll", "base_nll")}
-        result["probes"][name] = {
-            "n": len(probe),
-            "tokens": int(s["tokens"].sum()),
-            "kl": interval(per_tok["kl"]),
-            "nll_after": interval(per_tok["nll"]),
-            "nll_base": interval(per_tok["base_nll"]),
-            "nll_change": interval(per_tok["nll"], per_tok["base_nll"]),
-            "raw": {k: v.tolist() for k, v in s.items()},
-        }
+    if "task" not in result:
+        after_task = task_scores(model, tok, facts)
+        result["task"] = summarize_task(after_task)
+        result["task_raw"] = after_task
+        say(f"task {json.dumps(result['task'])}")
         save(result)
-        say(f"{name} kl {result['probes'][name]['kl']} dnll {result['probes'][name]['nll_change']}")
 
+    result.setdefault("probes", {})
     cloze = ft.load_jsonl(ft.CLOZE_FILE)
     prompts, answers = [c["prompt"] for c in cloze], [c["answer"] for c in cloze]
     after = answer_scores(model, tok, prompts, answers, match="prefix")
@@ -214,7 +219,16 @@ def main() -> None:
         "raw": {"base": {k: v.tolist() for k, v in base.items()},
                 "after": {k: v.tolist() for k, v in after.items()}},
     }  # fmt: skip
+    save(result)
     say(f"cloze {result['probes']['cloze']['accuracy_change']}")
+
+    windows = eval_windows(
+        torch.tensor(tok(load_text("us_founding"))["input_ids"]), args.text_seq, 64
+    )
+    probe_kl(model, "text", probe_from_windows(windows), result, save, say)
+    cont = wait_for(ft.CONTINUATIONS_FILE)[: args.probe_n]
+    pairs = [c["prompt_ids"] for c in cont], [c["continuation_ids"] for c in cont]
+    probe_kl(model, "continuations", probe_from_pairs(*pairs, tok.pad_token_id), result, save, say)
     result["seconds_eval"] = time.perf_counter() - t
     save(result)
     say("done")
