@@ -210,7 +210,7 @@ def test_answer_scores_match_float64_reference_and_greedy(seed):
         expected.append((float(torch.log_softmax(logits, -1)[answer]), float(answer == best)))
     assert len(prompts) >= 4
     s = answer_scores(model, tok, prompts, answers, match="exact", batch_size=3)
-    torch.testing.assert_close(s["logprob"], torch.tensor([e[0] for e in expected], dtype=torch.float64), rtol=1e-5,
-                               atol=1e-5)  # fmt: skip
+    ref = torch.tensor([e[0] for e in expected], dtype=torch.float64)
+    torch.testing.assert_close(s["logprob"], ref, rtol=1e-5, atol=1e-5)
     assert s["correct"].tolist() == [e[1] for e in expected]
     assert tok.padding_side == "right"
