@@ -21,7 +21,9 @@ _LAZY = {
     "AdapterWeightAveraging": "integrations.lightning",
     "AveragerCallback": "integrations.transformers",
     "AveragingTrainer": "integrations.transformers",
+    "ForgettingMonitor": "integrations.forgetting",
     "SelfDistillationTrainer": "integrations.transformers",
+    "forgetting_metrics": "integrations.forgetting",
     "get_ema_multi_avg_fn": "integrations.swa_utils",
 }
 
@@ -42,6 +44,7 @@ __all__ = [
     "EMA",
     "BackendUnavailableError",
     "DistillationLoss",
+    "ForgettingMonitor",
     "FusedLinearDistillationLoss",
     "PostHocEMA",
     "ReconstructionWarning",
@@ -51,6 +54,7 @@ __all__ = [
     "bema_coefficients",
     "distillation_loss",
     "ema_decay",
+    "forgetting_metrics",
     "fused_linear_distillation_loss",
     "get_ema_multi_avg_fn",
 ]
