@@ -8,8 +8,6 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -17,39 +15,8 @@ from torch import nn
 from .. import _dispatch, _watch, distributed, reference
 from .._checks import check_choice, check_int, check_param
 from . import peft_utils
-from .state import StateMixin
+from .state import StateMixin, _Group
 from .use import UseMixin
-
-
-@dataclass
-class _Group:
-    """Parameters sharing (device, dtype, teacher dtype), with flat fp32 state buffers."""
-
-    names: list[str]
-    params: list[nn.Parameter]
-    teachers: list[nn.Parameter] | None
-    ema: torch.Tensor  # [K, P] fp32: K EMA profiles (BEMA: K = 1)
-    theta0: torch.Tensor | None  # [P] fp32, BEMA only
-    out: torch.Tensor | None  # [P] fp32, BEMA only
-    flag: torch.Tensor  # [1] int32, 1 once a non-finite theta was seen
-    backend: str
-    # Derived, rebuilt by _prepare(): per-tensor views and the backend's launch arguments.
-    locals: list[torch.Tensor] = field(default_factory=list)
-    untracked: list[torch.Tensor] = field(default_factory=list)  # the same, via .data
-    teacher_locals: list[torch.Tensor] = field(default_factory=list)
-    views: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    plan: Any = None
-    slots: list[tuple[dict, str]] = field(default_factory=list)  # first and last parameter
-    fingerprint: tuple = ()
-    # Allocated on first use, then reused: the live values during a swap, the state during a
-    # multi-group update.
-    backup: list[torch.Tensor] | None = None
-    undo: list[torch.Tensor] | None = None
-
-    def state_buffers(self) -> list[torch.Tensor]:
-        """Every tensor an update writes."""
-        extra = [self.theta0, self.out] if self.theta0 is not None else []
-        return [self.ema, *extra, self.flag, *self.teacher_locals]
 
 
 def _fingerprint(slots: list[tuple[dict, str]]) -> tuple:

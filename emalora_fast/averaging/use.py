@@ -21,7 +21,7 @@ from .._checks import real_scalar
 from . import peft_utils
 
 if TYPE_CHECKING:
-    from .core import _Group
+    from .state import _Group
 
 
 class UseMixin:

@@ -14,9 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import FP32_RTOL, assert_close
-from test_averager import Oracle
-from test_averager_peft import tiny_base
+from helpers import FP32_RTOL, Oracle, assert_close, tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from emalora_fast import BEMA, EMA
@@ -43,8 +41,10 @@ IDS = torch.arange(24).reshape(2, 12) % 128
 
 
 def tiny_lora_model(r: int, lora_seed: int):
-    """tiny_base(0) with LoRA rank r; lora_B drawn from ``lora_seed`` (peft starts it at 0)."""
-    model = peft.get_peft_model(tiny_base(0), peft.LoraConfig(r=r, target_modules="all-linear"))
+    """The tiny Llama (seed 0) with LoRA rank r; lora_B drawn from ``lora_seed`` (peft: zeros)."""
+    model = peft.get_peft_model(
+        tiny_llama(seed=0), peft.LoraConfig(r=r, target_modules="all-linear")
+    )
     g = torch.Generator().manual_seed(lora_seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -364,7 +364,7 @@ def test_fsdp2_shards_average_in_place_and_export_full(mode, backend, tmp_path, 
     from safetensors.torch import load_file
 
     for k in ("ema", "bema"):
-        loaded = peft.PeftModel.from_pretrained(tiny_base(0), tmp_path / k)
+        loaded = peft.PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path / k)
         params = dict(loaded.named_parameters())
         for n in names:
             assert torch.equal(params[n].detach(), r0[k][n]), (k, n)
