@@ -515,7 +515,7 @@ def test_poisoned_buffers_are_overwritten(backend, divergence, beta, monkeypatch
     def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(fl_mod, "_new_empty", poisoned)
+    monkeypatch.setattr(fl_paths, "_new_empty", poisoned)
     monkeypatch.setattr(fl_paths, "_CHUNK_ELEMENTS", 4 * 100)
     if backend == "triton":
         kernels = pytest.importorskip("emalora_fast.kernels.fused_linear")

@@ -40,6 +40,21 @@ def test_quick_run_writes_curves_plot_summary_and_adapters(tmp_path, capsys):
     assert len({c["student/test"][0] for c in curves.values()}) == 1
     out = capsys.readouterr().out
     assert "| lora+bema-teacher |" in out
+    # Each summary row shows its own numbers: the derived row has no student, the plain row
+    # does not repeat the derived row's averaged weights, forgetting is given for both.
+    rows = {
+        cells[1].strip(): [c.strip() for c in cells[2:-1]]
+        for line in out.splitlines()
+        if line.startswith("| lora") and len(cells := line.split("|")) > 8
+    }
+    fmt = lambda v: format(v, ".4f")  # noqa: E731
+    lora, derived, ema = rows["lora"], rows["lora+bema-weights"], rows["lora+ema-teacher"]
+    assert lora[:4] == [fmt(curves["lora"]["student/test"][-1]),
+                        fmt(curves["lora"]["student/forget"][-1]), "—", "—"]  # fmt: skip
+    assert derived[:4] == ["—", "—", fmt(curves["lora"]["averaged/test"][-1]),
+                           fmt(curves["lora"]["averaged/forget"][-1])]  # fmt: skip
+    assert ema[2:4] == [fmt(curves["lora+ema-teacher"]["averaged/test"][-1]),
+                        fmt(curves["lora+ema-teacher"]["averaged/forget"][-1])]  # fmt: skip
 
     # the adapters load with peft and reproduce the recorded held-out losses
     from transformers import LlamaForCausalLM
@@ -131,3 +146,29 @@ def test_text_dataset_and_module_entry_point(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "runs" / "quick" / "curves.png").is_file()
+
+
+def test_progress_bars_refresh_rarely_when_stderr_is_not_a_terminal(monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    bar = runs.progress_bar(total=10)
+    assert bar.mininterval == runs.NON_TTY_REFRESH_S
+    bar.close()
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stderr", Terminal())
+    bar = runs.progress_bar(total=10)
+    assert bar.mininterval < 1.0  # tqdm's own default on a terminal
+    bar.close()
+
+
+def test_quick_on_a_pretrained_model_is_a_short_smoke_run():
+    embedded = experiment.Config.quick_defaults()
+    real = experiment.Config.quick_defaults(model="smollm2-135m")
+    assert (embedded.steps, embedded.batch_size, embedded.seq_len) == (120, 8, 96)
+    assert (real.steps, real.batch_size, real.seq_len, real.eval_windows) == (8, 2, 32, 4)
+    assert experiment.Config.quick_defaults(model="smollm2-135m", steps=3).steps == 3
