@@ -44,22 +44,18 @@ def _dot(x, y, acc, DOT_FP32: tl.constexpr):
 
 @triton.jit
 def _logit_tiles(
-    hs_ptr,  # [N, H_s] student hidden states, row stride hs_stride
-    ws_ptr,  # [V, H_s] student weight, row stride ws_stride
-    bs_ptr,  # [V] student bias (read when HAS_BS)
-    ht_ptr,  # [N, H_t] teacher hidden states, row stride ht_stride
-    wt_ptr,  # [V, H_t] teacher weight (first V rows), row stride wt_stride; unused when SHARED
-    bt_ptr,  # [V] teacher bias (read when HAS_BT)
-    hs_stride,
-    ws_stride,
-    ht_stride,
-    wt_stride,
+    ops,  # the linear layers' operands (hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
+    # hs_stride, ws_stride, ht_stride, wt_stride): hs_ptr [N, H_s] student hidden states,
+    # ws_ptr [V, H_s] student weight, bs_ptr [V] student bias (read when HAS_BS), ht_ptr [N, H_t]
+    # teacher hidden states, wt_ptr [>=V, H_t] teacher weight (unused when SHARED), bt_ptr [>=V]
+    # teacher bias (read when HAS_BT); row strides, unit column strides
     rows,  # [BLOCK_N] int64 row indices
     row_ok,  # [BLOCK_N] rows that are read (in range and not ignored)
     j,  # vocabulary tile index: columns j * BLOCK_V + [0, BLOCK_V)
     V,
     H_s,
     H_t,
+    inv_t,  # 1 / T
     cap,  # softcap c
     SHARED: tl.constexpr,
     HAS_BS: tl.constexpr,
@@ -70,9 +66,11 @@ def _logit_tiles(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The fp32 student and teacher logits tiles [BLOCK_N, BLOCK_V] of vocabulary tile j
-    (softcapped; finite in the masked lanes, which the caller masks), its column indices and
-    their mask cols < V."""
+    """The fp32 logits tiles [BLOCK_N, BLOCK_V] of vocabulary tile j: s, the softcapped student
+    logits (finite in the padding columns), r = s with -inf in the padding columns, a = r / T,
+    b = t / T (the softcapped teacher logits, -inf in the padding columns); then the column
+    indices and their mask cols < V."""
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_stride, ws_stride, ht_stride, wt_stride = ops
     cols = (j * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # j * BLOCK_V < V: no overflow
     col_ok = cols < V
     ks = tl.arange(0, BLOCK_K)
@@ -100,7 +98,10 @@ def _logit_tiles(
     if SOFTCAP:
         s = cap * _tanh(s / cap)
         t = cap * _tanh(t / cap)
-    return s, t, cols, col_ok
+    r = tl.where(col_ok[None, :], s, float("-inf"))
+    a = r * inv_t
+    b = tl.where(col_ok[None, :], t, float("-inf")) * inv_t
+    return s, r, a, b, cols, col_ok
 
 
 @triton.jit
@@ -118,25 +119,33 @@ def _row_state(labels_ptr, pid_n, N, ignore_index, HAS_LABELS: tl.constexpr, BLO
 
 
 @triton.jit
+def _row_lse(stats_ptr, rows, mask):
+    """m_a, ld_a, m_b, ld_b of the rows (stats_ptr [N, 7]) as [BLOCK_N, 1] columns, 0 where
+    mask is False."""
+    st = stats_ptr + rows * 7
+    m_a = tl.load(st + 0, mask=mask, other=0.0)[:, None]
+    ld_a = tl.load(st + 1, mask=mask, other=0.0)[:, None]
+    m_b = tl.load(st + 2, mask=mask, other=0.0)[:, None]
+    ld_b = tl.load(st + 3, mask=mask, other=0.0)[:, None]
+    return m_a, ld_a, m_b, ld_b
+
+
+@triton.jit
 def _grad_tile(
-    s, t, stats_ptr, grad_rows_ptr, rows, row_ok, label, cols, col_ok, V, inv_t, beta,
+    s, r, a, b, stats_ptr, grad_rows_ptr, rows, row_ok, label, cols, col_ok, V, inv_t, beta,
     log_beta, log_1mbeta, div_scale, ce_scale, cap, eps,
     DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
 ):  # fmt: skip
-    """g = dL/dz of a tile [BLOCK_N, BLOCK_V] from its logits tiles s, t (fp32): the logits loss
-    gradient times the softcap derivative, times the rows' grad_output; exactly 0 on ignored
-    rows and padding columns, and on the whole tile when FILTER finds every |dl/dz| <= eps.
-    Returns (g, keep): keep is False for a filtered tile."""
+    """g = dL/dz of a tile [BLOCK_N, BLOCK_V] from its logits tiles s, r, a, b (fp32, see
+    _logit_tiles): the logits loss gradient times the softcap derivative, times the rows'
+    grad_output; exactly 0 on ignored rows and padding columns, and on the whole tile when FILTER
+    finds every |dl/dz| <= eps. Returns (g, keep): keep is False for a filtered tile."""
     st = stats_ptr + rows * 7
-    m_a = tl.load(st + 0, mask=row_ok, other=0.0)[:, None]
-    ld_a = tl.load(st + 1, mask=row_ok, other=0.0)[:, None]
-    m_b = tl.load(st + 2, mask=row_ok, other=0.0)[:, None]
-    ld_b = tl.load(st + 3, mask=row_ok, other=0.0)[:, None]
+    m_a, ld_a, m_b, ld_b = _row_lse(stats_ptr, rows, row_ok)
     aux = tl.load(st + 6, mask=row_ok, other=0.0)[:, None]
     go = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0)
-    r = tl.where(col_ok[None, :], s, float("-inf"))
-    lq = (r * inv_t - m_a) - ld_a
-    lp = (tl.where(col_ok[None, :], t, float("-inf")) * inv_t - m_b) - ld_b
+    lq = (a - m_a) - ld_a
+    lp = (b - m_b) - ld_b
     g = (div_scale * inv_t) * _div_grad(lq, lp, aux, beta, log_beta, log_1mbeta, DIVERGENCE)
     if HAS_CE:
         m_r = tl.load(st + 4, mask=row_ok, other=0.0)[:, None]
