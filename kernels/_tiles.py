@@ -55,7 +55,6 @@ def _logit_tiles(
     V,
     H_s,
     H_t,
-    inv_t,  # 1 / T
     cap,  # softcap c
     SHARED: tl.constexpr,
     HAS_BS: tl.constexpr,
@@ -66,10 +65,9 @@ def _logit_tiles(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The fp32 logits tiles [BLOCK_N, BLOCK_V] of vocabulary tile j: s, the softcapped student
-    logits (finite in the padding columns), r = s with -inf in the padding columns, a = r / T,
-    b = t / T (the softcapped teacher logits, -inf in the padding columns); then the column
-    indices and their mask cols < V."""
+    """The fp32 student and teacher logits tiles [BLOCK_N, BLOCK_V] of vocabulary tile j
+    (softcapped; finite in the masked lanes, which the caller masks), its column indices and
+    their mask cols < V."""
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_stride, ws_stride, ht_stride, wt_stride = ops
     cols = (j * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # j * BLOCK_V < V: no overflow
     col_ok = cols < V
@@ -98,6 +96,22 @@ def _logit_tiles(
     if SOFTCAP:
         s = cap * _tanh(s / cap)
         t = cap * _tanh(t / cap)
+    return s, t, cols, col_ok
+
+
+@triton.jit
+def _scaled_tiles(
+    ops, rows, row_ok, j, V, H_s, H_t, inv_t, cap,
+    SHARED: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SOFTCAP: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The tiles of _logit_tiles (same arguments, and inv_t = 1 / T) as the statistics passes
+    read them: s, r = s with -inf in the padding columns, a = r / T, b = t / T with -inf in the
+    padding columns, the column indices and their mask."""
+    s, t, cols, col_ok = _logit_tiles(
+        ops, rows, row_ok, j, V, H_s, H_t, cap, SHARED, HAS_BS, HAS_BT, SOFTCAP, DOT_FP32,
+        BLOCK_N, BLOCK_V, BLOCK_K,
+    )  # fmt: skip
     r = tl.where(col_ok[None, :], s, float("-inf"))
     a = r * inv_t
     b = tl.where(col_ok[None, :], t, float("-inf")) * inv_t
@@ -132,20 +146,21 @@ def _row_lse(stats_ptr, rows, mask):
 
 @triton.jit
 def _grad_tile(
-    s, r, a, b, stats_ptr, grad_rows_ptr, rows, row_ok, label, cols, col_ok, V, inv_t, beta,
+    s, t, stats_ptr, grad_rows_ptr, rows, row_ok, label, cols, col_ok, V, inv_t, beta,
     log_beta, log_1mbeta, div_scale, ce_scale, cap, eps,
     DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
 ):  # fmt: skip
-    """g = dL/dz of a tile [BLOCK_N, BLOCK_V] from its logits tiles s, r, a, b (fp32, see
-    _logit_tiles): the logits loss gradient times the softcap derivative, times the rows'
-    grad_output; exactly 0 on ignored rows and padding columns, and on the whole tile when FILTER
-    finds every |dl/dz| <= eps. Returns (g, keep): keep is False for a filtered tile."""
+    """g = dL/dz of a tile [BLOCK_N, BLOCK_V] from its logits tiles s, t (fp32): the logits loss
+    gradient times the softcap derivative, times the rows' grad_output; exactly 0 on ignored
+    rows and padding columns, and on the whole tile when FILTER finds every |dl/dz| <= eps.
+    Returns (g, keep): keep is False for a filtered tile."""
     st = stats_ptr + rows * 7
     m_a, ld_a, m_b, ld_b = _row_lse(stats_ptr, rows, row_ok)
     aux = tl.load(st + 6, mask=row_ok, other=0.0)[:, None]
     go = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0)
-    lq = (a - m_a) - ld_a
-    lp = (b - m_b) - ld_b
+    r = tl.where(col_ok[None, :], s, float("-inf"))
+    lq = (r * inv_t - m_a) - ld_a
+    lp = (tl.where(col_ok[None, :], t, float("-inf")) * inv_t - m_b) - ld_b
     g = (div_scale * inv_t) * _div_grad(lq, lp, aux, beta, log_beta, log_1mbeta, DIVERGENCE)
     if HAS_CE:
         m_r = tl.load(st + 4, mask=row_ok, other=0.0)[:, None]

@@ -56,7 +56,7 @@ import triton.language as tl
 
 from ._launch import Launch, Target, check_labels, mix_logs, target_of
 from ._online import _fold, _jsd_terms, _lse_step
-from ._tiles import _logit_tiles, _row_lse, _row_state
+from ._tiles import _row_lse, _row_state, _scaled_tiles
 from .fused_linear_grad import _fused_linear_bwd_kernel, _fused_linear_grad_kernel
 
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
@@ -138,7 +138,7 @@ def _fused_linear_stats_kernel(
     acc = tl.zeros([BLOCK_N], dtype=tl.float64)
     s_lab = tl.zeros([BLOCK_N], dtype=tl.float64)
     for j in range(split, n_tiles, n_splits):
-        s, r, a, b, cols, col_ok = _logit_tiles(
+        s, r, a, b, cols, col_ok = _scaled_tiles(
             ops, rows, row_ok, j, V, H_s, H_t, inv_t, cap, SHARED, HAS_BS, HAS_BT, SOFTCAP,
             DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_K,
         )  # fmt: skip
@@ -195,7 +195,7 @@ def _fused_linear_jsd_kernel(
     kl_qm = tl.zeros([BLOCK_N], dtype=tl.float64)
     m_a, ld_a, m_b, ld_b = _row_lse(stats_ptr, rows, row_in)
     for j in range(split, n_tiles, n_splits):
-        _, _, a, b, _, _ = _logit_tiles(
+        _, _, a, b, _, _ = _scaled_tiles(
             ops, rows, row_ok, j, V, H_s, H_t, inv_t, cap, SHARED, HAS_BS, HAS_BT, SOFTCAP,
             DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_K,
         )  # fmt: skip

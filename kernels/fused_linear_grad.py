@@ -34,12 +34,12 @@ def _tile_grad(
     rows, row_in, label, row_ok = _row_state(
         labels_ptr, pid_n, N, ignore_index, HAS_LABELS, BLOCK_N
     )
-    s, r, a, b, cols, col_ok = _logit_tiles(
-        ops, rows, row_ok, pid_v, V, H_s, H_t, inv_t, cap, SHARED, HAS_BS, HAS_BT, SOFTCAP,
-        DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_K,
+    s, t, cols, col_ok = _logit_tiles(
+        ops, rows, row_ok, pid_v, V, H_s, H_t, cap, SHARED, HAS_BS, HAS_BT, SOFTCAP, DOT_FP32,
+        BLOCK_N, BLOCK_V, BLOCK_K,
     )  # fmt: skip
     g, keep = _grad_tile(
-        s, r, a, b, stats_ptr, grad_rows_ptr, rows, row_ok, label, cols, col_ok, V, inv_t, beta,
+        s, t, stats_ptr, grad_rows_ptr, rows, row_ok, label, cols, col_ok, V, inv_t, beta,
         log_beta, log_1mbeta, div_scale, ce_scale, cap, eps, DIVERGENCE, HAS_CE, SOFTCAP, FILTER,
     )  # fmt: skip
     return g, keep, rows, row_in, row_ok, cols, col_ok
