@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Any
 
@@ -28,6 +29,21 @@ class Target:
 INTERPRETER = Target(arch=0, sms=2)
 H100 = Target(arch=90, sms=132)
 A100 = Target(arch=80, sms=108)
+
+
+def mix_logs(beta: float) -> tuple[float, float]:
+    """(log beta, log(1 - beta)) of an interior JSD weight 0 < beta < 1, else (0, 0) (unused)."""
+    if 0.0 < beta < 1.0:
+        return math.log(beta), math.log1p(-beta)
+    return 0.0, 0.0
+
+
+def check_labels(labels: torch.Tensor | None, n: int) -> None:
+    """Raise unless ``labels`` is None or a contiguous int64 tensor of shape [n]."""
+    if labels is not None and (
+        labels.dtype != torch.int64 or labels.shape != (n,) or labels.stride(0) != 1
+    ):
+        raise ValueError("labels must be a contiguous int64 tensor of shape [N]")
 
 
 def interpreting() -> bool:

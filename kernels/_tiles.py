@@ -44,16 +44,11 @@ def _dot(x, y, acc, DOT_FP32: tl.constexpr):
 
 @triton.jit
 def _logit_tiles(
-    hs_ptr,  # [N, H_s] student hidden states, row stride hs_stride
-    ws_ptr,  # [V, H_s] student weight, row stride ws_stride
-    bs_ptr,  # [V] student bias (read when HAS_BS)
-    ht_ptr,  # [N, H_t] teacher hidden states, row stride ht_stride
-    wt_ptr,  # [V, H_t] teacher weight (first V rows), row stride wt_stride; unused when SHARED
-    bt_ptr,  # [V] teacher bias (read when HAS_BT)
-    hs_stride,
-    ws_stride,
-    ht_stride,
-    wt_stride,
+    ops,  # the linear layers' operands (hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
+    # hs_stride, ws_stride, ht_stride, wt_stride): hs_ptr [N, H_s] student hidden states,
+    # ws_ptr [V, H_s] student weight, bs_ptr [V] student bias (read when HAS_BS), ht_ptr [N, H_t]
+    # teacher hidden states, wt_ptr [>=V, H_t] teacher weight (unused when SHARED), bt_ptr [>=V]
+    # teacher bias (read when HAS_BT); row strides, unit column strides
     rows,  # [BLOCK_N] int64 row indices
     row_ok,  # [BLOCK_N] rows that are read (in range and not ignored)
     j,  # vocabulary tile index: columns j * BLOCK_V + [0, BLOCK_V)
@@ -73,6 +68,7 @@ def _logit_tiles(
     """The fp32 student and teacher logits tiles [BLOCK_N, BLOCK_V] of vocabulary tile j
     (softcapped; finite in the masked lanes, which the caller masks), its column indices and
     their mask cols < V."""
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_stride, ws_stride, ht_stride, wt_stride = ops
     cols = (j * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # j * BLOCK_V < V: no overflow
     col_ok = cols < V
     ks = tl.arange(0, BLOCK_K)
@@ -104,6 +100,25 @@ def _logit_tiles(
 
 
 @triton.jit
+def _scaled_tiles(
+    ops, rows, row_ok, j, V, H_s, H_t, inv_t, cap,
+    SHARED: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SOFTCAP: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The tiles of _logit_tiles (same arguments, and inv_t = 1 / T) as the statistics passes
+    read them: s, r = s with -inf in the padding columns, a = r / T, b = t / T with -inf in the
+    padding columns, the column indices and their mask."""
+    s, t, cols, col_ok = _logit_tiles(
+        ops, rows, row_ok, j, V, H_s, H_t, cap, SHARED, HAS_BS, HAS_BT, SOFTCAP, DOT_FP32,
+        BLOCK_N, BLOCK_V, BLOCK_K,
+    )  # fmt: skip
+    r = tl.where(col_ok[None, :], s, float("-inf"))
+    a = r * inv_t
+    b = tl.where(col_ok[None, :], t, float("-inf")) * inv_t
+    return s, r, a, b, cols, col_ok
+
+
+@triton.jit
 def _row_state(labels_ptr, pid_n, N, ignore_index, HAS_LABELS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Row indices of a token block, in-range mask, labels and the mask of rows that count."""
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -118,6 +133,18 @@ def _row_state(labels_ptr, pid_n, N, ignore_index, HAS_LABELS: tl.constexpr, BLO
 
 
 @triton.jit
+def _row_lse(stats_ptr, rows, mask):
+    """m_a, ld_a, m_b, ld_b of the rows (stats_ptr [N, 7]) as [BLOCK_N, 1] columns, 0 where
+    mask is False."""
+    st = stats_ptr + rows * 7
+    m_a = tl.load(st + 0, mask=mask, other=0.0)[:, None]
+    ld_a = tl.load(st + 1, mask=mask, other=0.0)[:, None]
+    m_b = tl.load(st + 2, mask=mask, other=0.0)[:, None]
+    ld_b = tl.load(st + 3, mask=mask, other=0.0)[:, None]
+    return m_a, ld_a, m_b, ld_b
+
+
+@triton.jit
 def _grad_tile(
     s, t, stats_ptr, grad_rows_ptr, rows, row_ok, label, cols, col_ok, V, inv_t, beta,
     log_beta, log_1mbeta, div_scale, ce_scale, cap, eps,
@@ -128,10 +155,7 @@ def _grad_tile(
     rows and padding columns, and on the whole tile when FILTER finds every |dl/dz| <= eps.
     Returns (g, keep): keep is False for a filtered tile."""
     st = stats_ptr + rows * 7
-    m_a = tl.load(st + 0, mask=row_ok, other=0.0)[:, None]
-    ld_a = tl.load(st + 1, mask=row_ok, other=0.0)[:, None]
-    m_b = tl.load(st + 2, mask=row_ok, other=0.0)[:, None]
-    ld_b = tl.load(st + 3, mask=row_ok, other=0.0)[:, None]
+    m_a, ld_a, m_b, ld_b = _row_lse(stats_ptr, rows, row_ok)
     aux = tl.load(st + 6, mask=row_ok, other=0.0)[:, None]
     go = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0)
     r = tl.where(col_ok[None, :], s, float("-inf"))

@@ -23,14 +23,13 @@ Every arithmetic step is guarded so that -inf logits never form (-inf) - (-inf).
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch
+from ._launch import Launch, check_labels, mix_logs
 from ._online import _ce_grad, _div_grad, _fold, _jsd_terms, _lse_step, _shift
 
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
@@ -42,6 +41,41 @@ MAX_BLOCK_V = 4096
 FWD_STAGES = int(os.environ.get("EMALORA_LOSS_STAGES", "1"))
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _row_start(ptr, row, stride, ROW_ALIGNED: tl.constexpr):
+    """Pointer to row ``row`` (int64) of a matrix with row stride ``stride``; with ROW_ALIGNED
+    (host-checked) marked as 16-byte aligned."""
+    p = ptr + row * stride
+    if ROW_ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _row_prologue(
+    s_ptr,  # [N, V] student logits, row stride s_stride
+    t_ptr,  # [N, V] teacher logits, row stride t_stride
+    labels_ptr,  # [N] int64 labels (read when HAS_LABELS)
+    s_stride, t_stride, V, ignore_index,
+    HAS_LABELS: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """The program's row (int64), its student and teacher row pointers, v_main (columns
+    [0, v_main) in unmasked full chunks, the rest masked), its label and whether it counts."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = _row_start(s_ptr, row, s_stride, ROW_ALIGNED)
+    t_row = _row_start(t_ptr, row, t_stride, ROW_ALIGNED)
+    v_main = 0
+    if ROW_ALIGNED:
+        v_main = V - V % BLOCK_V
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        valid = label != ignore_index
+    else:
+        label = 0
+        valid = True
+    return row, s_row, t_row, v_main, label, valid
 
 
 @triton.jit
@@ -59,10 +93,12 @@ def _load_logits(s_row, t_row, cols, V, MASKED: tl.constexpr):
 
 @triton.jit
 def _stats_chunk(
-    r, b, inv_t, m_a, m_b, m_r, d_a, d_b, d_r, acc,
-    DIVERGENCE: tl.constexpr, RAW_LSE: tl.constexpr,
+    s_row, t_row, cols, V, inv_t, m_a, m_b, m_r, d_a, d_b, d_r, acc,
+    DIVERGENCE: tl.constexpr, RAW_LSE: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """Pass 1 over one chunk: the online (max, sum) pairs of a, b (and the raw s) and S or R."""
+    """Pass 1 over the chunk ``cols``: the online (max, sum) pairs of a, b (and the raw s) and
+    S or R."""
+    r, b = _load_logits(s_row, t_row, cols, V, MASKED)
     a = r * inv_t
     b = b * inv_t
     new_a, sh_a, e_a, c_a = _lse_step(a, m_a, 0)
@@ -86,11 +122,17 @@ def _stats_chunk(
 
 
 @triton.jit
-def _jsd_chunk(r, b, inv_t, m_a, ld_a, m_b, ld_b, log_beta, log_1mbeta):
-    """Pass 2 of JSD over one chunk: its sums of p (log p - log M) and q (log q - log M)."""
+def _jsd_chunk(
+    s_row, t_row, cols, V, inv_t, m_a, ld_a, m_b, ld_b, log_beta, log_1mbeta, kl_pm, kl_qm,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """Pass 2 of JSD over the chunk ``cols``: the running sums of p (log p - log M) and
+    q (log q - log M) plus the chunk's."""
+    r, b = _load_logits(s_row, t_row, cols, V, MASKED)
     t_pm, t_qm = _jsd_terms((r * inv_t - m_a) - ld_a, (b * inv_t - m_b) - ld_b, log_beta,
                             log_1mbeta)  # fmt: skip
-    return tl.sum(t_pm, axis=0).to(tl.float64), tl.sum(t_qm, axis=0).to(tl.float64)
+    return (kl_pm + tl.sum(t_pm, axis=0).to(tl.float64),
+            kl_qm + tl.sum(t_qm, axis=0).to(tl.float64))  # fmt: skip
 
 
 @triton.jit
@@ -118,21 +160,11 @@ def _distill_loss_fwd_kernel(
     BLOCK_V: tl.constexpr,
     STAGES: tl.constexpr,  # software pipelining of the pass-1 loads (1: none)
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row, s_row, t_row, v_main, label, valid = _row_prologue(
+        s_ptr, t_ptr, labels_ptr, s_stride, t_stride, V, ignore_index, HAS_LABELS, ROW_ALIGNED,
+        BLOCK_V,
+    )  # fmt: skip
     offs = tl.arange(0, BLOCK_V)
-    s_row = s_ptr + row * s_stride
-    t_row = t_ptr + row * t_stride
-    v_main = 0  # columns [0, v_main) in unmasked full chunks, the rest masked
-    if ROW_ALIGNED:
-        s_row = tl.multiple_of(s_row, 16)
-        t_row = tl.multiple_of(t_row, 16)
-        v_main = V - V % BLOCK_V
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
-    else:
-        label = 0
-        valid = True
     if valid:
         # Running maxima in fp32; the running sums (one fp32 tree sum per chunk) in fp64, so that
         # LSE(a) - LSE(b) keeps its accuracy when teacher and student nearly agree.
@@ -144,15 +176,15 @@ def _distill_loss_fwd_kernel(
         d_r = tl.cast(0.0, tl.float64)
         acc = tl.cast(0.0, tl.float64)
         for start in tl.range(0, v_main, BLOCK_V, num_stages=STAGES):
-            r, b = _load_logits(s_row, t_row, tl.multiple_of(start, BLOCK_V) + offs, V, False)
             m_a, m_b, m_r, d_a, d_b, d_r, acc = _stats_chunk(
-                r, b, inv_t, m_a, m_b, m_r, d_a, d_b, d_r, acc, DIVERGENCE, RAW_LSE
-            )
+                s_row, t_row, tl.multiple_of(start, BLOCK_V) + offs, V, inv_t, m_a, m_b, m_r,
+                d_a, d_b, d_r, acc, DIVERGENCE, RAW_LSE, False,
+            )  # fmt: skip
         for start in tl.range(v_main, V, BLOCK_V, num_stages=STAGES):
-            r, b = _load_logits(s_row, t_row, start + offs, V, True)
             m_a, m_b, m_r, d_a, d_b, d_r, acc = _stats_chunk(
-                r, b, inv_t, m_a, m_b, m_r, d_a, d_b, d_r, acc, DIVERGENCE, RAW_LSE
-            )
+                s_row, t_row, start + offs, V, inv_t, m_a, m_b, m_r, d_a, d_b, d_r, acc,
+                DIVERGENCE, RAW_LSE, True,
+            )  # fmt: skip
         ld_a64 = tl.log(d_a)
         ld_b64 = tl.log(d_b)
         ld_a = ld_a64.to(tl.float32)
@@ -172,15 +204,15 @@ def _distill_loss_fwd_kernel(
             kl_pm = tl.cast(0.0, tl.float64)
             kl_qm = tl.cast(0.0, tl.float64)
             for start in range(0, v_main, BLOCK_V):
-                r, b = _load_logits(s_row, t_row, tl.multiple_of(start, BLOCK_V) + offs, V, False)
-                pm, qm = _jsd_chunk(r, b, inv_t, m_a, ld_a, m_b, ld_b, log_beta, log_1mbeta)
-                kl_pm += pm
-                kl_qm += qm
+                kl_pm, kl_qm = _jsd_chunk(
+                    s_row, t_row, tl.multiple_of(start, BLOCK_V) + offs, V, inv_t, m_a, ld_a,
+                    m_b, ld_b, log_beta, log_1mbeta, kl_pm, kl_qm, False,
+                )  # fmt: skip
             for start in range(v_main, V, BLOCK_V):
-                r, b = _load_logits(s_row, t_row, start + offs, V, True)
-                pm, qm = _jsd_chunk(r, b, inv_t, m_a, ld_a, m_b, ld_b, log_beta, log_1mbeta)
-                kl_pm += pm
-                kl_qm += qm
+                kl_pm, kl_qm = _jsd_chunk(
+                    s_row, t_row, start + offs, V, inv_t, m_a, ld_a, m_b, ld_b, log_beta,
+                    log_1mbeta, kl_pm, kl_qm, True,
+                )  # fmt: skip
             div = (beta * kl_pm + (1.0 - beta) * kl_qm).to(tl.float32)
             aux = kl_qm.to(tl.float32)
         loss = div_scale * div
@@ -205,11 +237,12 @@ def _distill_loss_fwd_kernel(
 
 @triton.jit
 def _grad_chunk(
-    g_row, r, b, cols, V, label, bad_label, inv_t, m_a, ld_a, m_b, ld_b, m_r, ld_r, aux,
+    g_row, s_row, t_row, cols, V, label, bad_label, inv_t, m_a, ld_a, m_b, ld_b, m_r, ld_r, aux,
     div_coef, ce_coef, beta, log_beta, log_1mbeta,
     DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """The gradient pass over one chunk: dL/ds, stored in the dtype of g."""
+    """The gradient pass over the chunk ``cols``: dL/ds, stored in the dtype of g."""
+    r, b = _load_logits(s_row, t_row, cols, V, MASKED)
     lq = (r * inv_t - m_a) - ld_a
     lp = (b * inv_t - m_b) - ld_b
     g = div_coef * _div_grad(lq, lp, aux, beta, log_beta, log_1mbeta, DIVERGENCE)
@@ -248,23 +281,12 @@ def _distill_loss_bwd_kernel(
     ROW_ALIGNED: tl.constexpr,  # host-checked 16-byte aligned rows: unmasked main loop, tail
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row, s_row, t_row, v_main, label, valid = _row_prologue(
+        s_ptr, t_ptr, labels_ptr, s_stride, t_stride, V, ignore_index, HAS_LABELS, ROW_ALIGNED,
+        BLOCK_V,
+    )  # fmt: skip
+    g_row = _row_start(g_ptr, row, g_stride, ROW_ALIGNED)
     offs = tl.arange(0, BLOCK_V)
-    s_row = s_ptr + row * s_stride
-    t_row = t_ptr + row * t_stride
-    g_row = g_ptr + row * g_stride
-    v_main = 0  # columns [0, v_main) in unmasked full chunks, the rest masked
-    if ROW_ALIGNED:
-        s_row = tl.multiple_of(s_row, 16)
-        t_row = tl.multiple_of(t_row, 16)
-        g_row = tl.multiple_of(g_row, 16)
-        v_main = V - V % BLOCK_V
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
-    else:
-        label = 0
-        valid = True
     if valid:
         st = stats_ptr + row * 7
         m_a = tl.load(st + 0)
@@ -279,18 +301,16 @@ def _distill_loss_bwd_kernel(
         ce_coef = go * ce_scale
         bad_label = (label < 0) | (label >= V)
         for start in range(0, v_main, BLOCK_V):
-            cols = tl.multiple_of(start, BLOCK_V) + offs
-            r, b = _load_logits(s_row, t_row, cols, V, False)
             _grad_chunk(
-                g_row, r, b, cols, V, label, bad_label, inv_t, m_a, ld_a, m_b, ld_b, m_r, ld_r,
-                aux, div_coef, ce_coef, beta, log_beta, log_1mbeta, DIVERGENCE, HAS_CE, False,
+                g_row, s_row, t_row, tl.multiple_of(start, BLOCK_V) + offs, V, label, bad_label,
+                inv_t, m_a, ld_a, m_b, ld_b, m_r, ld_r, aux, div_coef, ce_coef, beta, log_beta,
+                log_1mbeta, DIVERGENCE, HAS_CE, False,
             )  # fmt: skip
         for start in range(v_main, V, BLOCK_V):
-            cols = start + offs
-            r, b = _load_logits(s_row, t_row, cols, V, True)
             _grad_chunk(
-                g_row, r, b, cols, V, label, bad_label, inv_t, m_a, ld_a, m_b, ld_b, m_r, ld_r,
-                aux, div_coef, ce_coef, beta, log_beta, log_1mbeta, DIVERGENCE, HAS_CE, True,
+                g_row, s_row, t_row, start + offs, V, label, bad_label, inv_t, m_a, ld_a, m_b,
+                ld_b, m_r, ld_r, aux, div_coef, ce_coef, beta, log_beta, log_1mbeta, DIVERGENCE,
+                HAS_CE, True,
             )  # fmt: skip
     else:
         for start in range(0, V, BLOCK_V):
@@ -314,16 +334,7 @@ def _check(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | 
         raise ValueError(
             f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ"
         )
-    if labels is not None and (
-        labels.dtype != torch.int64 or labels.shape != (student.shape[0],) or labels.stride(0) != 1
-    ):
-        raise ValueError("labels must be a contiguous int64 tensor of shape [N]")
-
-
-def _mix_logs(beta: float) -> tuple[float, float]:
-    if 0.0 < beta < 1.0:
-        return math.log(beta), math.log1p(-beta)
-    return 0.0, 0.0
+    check_labels(labels, student.shape[0])
 
 
 def _row_aligned(*xs: torch.Tensor) -> bool:
@@ -339,86 +350,60 @@ def _split_loop(vocab: int, *xs: torch.Tensor) -> bool:
     return _row_aligned(*xs) and not seen
 
 
-def distill_loss_fwd_launch(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: torch.Tensor | None,
-    loss: torch.Tensor,
-    stats: torch.Tensor,
-    divergence: int,
-    beta: float,
-    temperature: float,
-    div_scale: float,
-    ce_scale: float,
-    ignore_index: int,
-    stages: int | None = None,
-) -> Launch:
-    """The launch of :func:`distill_loss_fwd` into ``loss`` [N] and ``stats`` [N, 7]."""
-    n, vocab = student.shape
-    has_ce = labels is not None and ce_scale != 0.0
-    log_beta, log_1mbeta = _mix_logs(beta)
-    block, warps = _block_v(vocab)
-    args = (
-        student, teacher, labels if labels is not None else loss, loss, stats, student.stride(0),
-        teacher.stride(0), vocab, 1.0 / temperature, beta, log_beta, log_1mbeta, div_scale,
-        ce_scale, ignore_index,
-    )  # fmt: skip
-    flags = dict(
-        DIVERGENCE=divergence,
-        HAS_LABELS=labels is not None,
-        HAS_CE=has_ce,
-        RAW_LSE=has_ce and temperature != 1.0,
-        ROW_ALIGNED=_split_loop(vocab, student, teacher),
-        BLOCK_V=block,
-        STAGES=FWD_STAGES if stages is None else stages,
-    )
-    return Launch(_distill_loss_fwd_kernel, (n,), args, flags, num_warps=warps)
+def _loss_args(vocab, beta, temperature, div_scale, ce_scale, ignore_index) -> tuple:
+    """The scalar arguments both kernels take after the strides, V to ignore_index."""
+    return (vocab, 1.0 / temperature, beta, *mix_logs(beta), div_scale, ce_scale, ignore_index)
 
 
-def distill_loss_bwd_launch(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: torch.Tensor | None,
-    stats: torch.Tensor,
-    grad_rows: torch.Tensor,
-    out: torch.Tensor,
-    divergence: int,
-    beta: float,
-    temperature: float,
-    div_scale: float,
-    ce_scale: float,
-    ignore_index: int,
-) -> Launch:
-    """The launch of :func:`distill_loss_bwd` into ``out`` [N, V]."""
-    n, vocab = student.shape
-    log_beta, log_1mbeta = _mix_logs(beta)
-    block, warps = _block_v(vocab)
-    args = (
-        student, teacher, labels if labels is not None else grad_rows, stats, grad_rows, out,
-        student.stride(0), teacher.stride(0), out.stride(0), vocab, 1.0 / temperature, beta,
-        log_beta, log_1mbeta, div_scale, ce_scale, ignore_index,
-    )  # fmt: skip
-    flags = dict(
+def _flags(divergence: int, labels, ce_scale: float, vocab: int, *rows: torch.Tensor) -> dict:
+    """The compile-time switches both kernels take (ROW_ALIGNED checked on ``rows``)."""
+    block, _ = _block_v(vocab)
+    return dict(
         DIVERGENCE=divergence,
         HAS_LABELS=labels is not None,
         HAS_CE=labels is not None and ce_scale != 0.0,
-        ROW_ALIGNED=_split_loop(vocab, student, teacher, out),
+        ROW_ALIGNED=_split_loop(vocab, *rows),
         BLOCK_V=block,
     )
-    return Launch(_distill_loss_bwd_kernel, (n,), args, flags, num_warps=warps)
+
+
+def distill_loss_fwd_launch(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+    loss: torch.Tensor, stats: torch.Tensor, divergence: int, beta: float, temperature: float,
+    div_scale: float, ce_scale: float, ignore_index: int, stages: int | None = None,
+) -> Launch:  # fmt: skip
+    """The launch of :func:`distill_loss_fwd` into ``loss`` [N] and ``stats`` [N, 7]."""
+    n, vocab = student.shape
+    args = (
+        student, teacher, labels if labels is not None else loss, loss, stats, student.stride(0),
+        teacher.stride(0), *_loss_args(vocab, beta, temperature, div_scale, ce_scale, ignore_index),
+    )  # fmt: skip
+    flags = _flags(divergence, labels, ce_scale, vocab, student, teacher)
+    flags.update(RAW_LSE=flags["HAS_CE"] and temperature != 1.0,
+                 STAGES=FWD_STAGES if stages is None else stages)  # fmt: skip
+    return Launch(_distill_loss_fwd_kernel, (n,), args, flags, num_warps=_block_v(vocab)[1])
+
+
+def distill_loss_bwd_launch(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+    stats: torch.Tensor, grad_rows: torch.Tensor, out: torch.Tensor, divergence: int,
+    beta: float, temperature: float, div_scale: float, ce_scale: float, ignore_index: int,
+) -> Launch:  # fmt: skip
+    """The launch of :func:`distill_loss_bwd` into ``out`` [N, V]."""
+    n, vocab = student.shape
+    args = (
+        student, teacher, labels if labels is not None else grad_rows, stats, grad_rows, out,
+        student.stride(0), teacher.stride(0), out.stride(0),
+        *_loss_args(vocab, beta, temperature, div_scale, ce_scale, ignore_index),
+    )  # fmt: skip
+    flags = _flags(divergence, labels, ce_scale, vocab, student, teacher, out)
+    return Launch(_distill_loss_bwd_kernel, (n,), args, flags, num_warps=_block_v(vocab)[1])
 
 
 def distill_loss_fwd(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: torch.Tensor | None,
-    divergence: int,
-    beta: float,
-    temperature: float,
-    div_scale: float,
-    ce_scale: float,
-    ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, divergence: int,
+    beta: float, temperature: float, div_scale: float, ce_scale: float, ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Per-row loss [N] and row statistics [N, 7] (fp32) of logits [N, V]; one launch."""
     _check(student, teacher, labels)
     n = student.shape[0]
@@ -431,19 +416,11 @@ def distill_loss_fwd(
 
 
 def distill_loss_bwd(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: torch.Tensor | None,
-    stats: torch.Tensor,
-    grad_rows: torch.Tensor,
-    divergence: int,
-    beta: float,
-    temperature: float,
-    div_scale: float,
-    ce_scale: float,
-    ignore_index: int,
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+    stats: torch.Tensor, grad_rows: torch.Tensor, divergence: int, beta: float,
+    temperature: float, div_scale: float, ce_scale: float, ignore_index: int,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """dL/ds [N, V] in the student dtype, into ``out`` (which may be ``student`` itself)."""
     _check(student, teacher, labels)
     if out is None:

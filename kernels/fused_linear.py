@@ -48,16 +48,15 @@ model); the gradient adds the two products g W and g^T h (2 N V H more). The GPU
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, Target, target_of
+from ._launch import Launch, Target, check_labels, mix_logs, target_of
 from ._online import _fold, _jsd_terms, _lse_step
-from ._tiles import _logit_tiles, _row_state
+from ._tiles import _row_lse, _row_state, _scaled_tiles
 from .fused_linear_grad import _fused_linear_bwd_kernel, _fused_linear_grad_kernel
 
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
@@ -81,6 +80,32 @@ def _new_empty(shape, dtype, device) -> torch.Tensor:
 #   (read when HAS_LABELS). Row strides hs_stride, ws_stride, ht_stride, wt_stride; unit columns.
 
 
+@triton.jit
+def _split_program(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr,  # see above
+    hs_stride, ws_stride, ht_stride, wt_stride, N, V, ignore_index,
+    HAS_LABELS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """Program (token block, vocabulary split) of a statistics pass: the linear layers' operands
+    as one tuple (see _logit_tiles), its split, the number of splits, the number of vocabulary
+    tiles, and the row state of its token block (see _row_state)."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    ops = (hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_stride, ws_stride, ht_stride,
+           wt_stride)  # fmt: skip
+    rows, row_in, label, row_ok = _row_state(
+        labels_ptr, pid_n, N, ignore_index, HAS_LABELS, BLOCK_N
+    )
+    return ops, split, n_splits, tl.cdiv(V, BLOCK_V), rows, row_in, label, row_ok
+
+
+@triton.jit
+def _partials(part_ptr, split, n_splits, N, rows):
+    """Pointers to part[0, split, rows] of the partials [K, SPLITS, N] and the stride of K."""
+    return part_ptr + split.to(tl.int64) * N + rows, n_splits.to(tl.int64) * N
+
+
 # ------------------------------------------------------------------------------------------------
 # Pass 1: online row statistics.
 # ------------------------------------------------------------------------------------------------
@@ -99,12 +124,10 @@ def _fused_linear_stats_kernel(
     SHARED: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SOFTCAP: tl.constexpr,
     DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows, row_in, label, row_ok = _row_state(
-        labels_ptr, pid_n, N, ignore_index, HAS_LABELS, BLOCK_N
-    )
+    ops, split, n_splits, n_tiles, rows, row_in, label, row_ok = _split_program(
+        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, hs_stride, ws_stride,
+        ht_stride, wt_stride, N, V, ignore_index, HAS_LABELS, BLOCK_N, BLOCK_V,
+    )  # fmt: skip
     # Running maxima in fp32; running sums of per-tile fp32 tree sums in fp64.
     m_a = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     m_b = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
@@ -114,16 +137,11 @@ def _fused_linear_stats_kernel(
     d_r = tl.zeros([BLOCK_N], dtype=tl.float64)
     acc = tl.zeros([BLOCK_N], dtype=tl.float64)
     s_lab = tl.zeros([BLOCK_N], dtype=tl.float64)
-    n_tiles = tl.cdiv(V, BLOCK_V)
     for j in range(split, n_tiles, n_splits):
-        s, t, cols, col_ok = _logit_tiles(
-            hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
-            hs_stride, ws_stride, ht_stride, wt_stride, rows, row_ok, j, V, H_s, H_t, cap,
-            SHARED, HAS_BS, HAS_BT, SOFTCAP, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_K,
+        s, r, a, b, cols, col_ok = _scaled_tiles(
+            ops, rows, row_ok, j, V, H_s, H_t, inv_t, cap, SHARED, HAS_BS, HAS_BT, SOFTCAP,
+            DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_K,
         )  # fmt: skip
-        r = tl.where(col_ok[None, :], s, float("-inf"))
-        a = r * inv_t
-        b = tl.where(col_ok[None, :], t, float("-inf")) * inv_t
         m_a, _, e_a, c_a = _lse_step(a, m_a, 1)
         m_b, _, e_b, c_b = _lse_step(b, m_b, 1)
         d_a = _fold(d_a, c_a, e_a, 1)
@@ -142,8 +160,7 @@ def _fused_linear_stats_kernel(
         if HAS_CE:
             hit = cols[None, :] == label[:, None]
             s_lab += tl.sum(tl.where(hit, s, 0.0), axis=1).to(tl.float64)
-    out = part_ptr + split.to(tl.int64) * N + rows
-    stride = n_splits.to(tl.int64) * N
+    out, stride = _partials(part_ptr, split, n_splits, N, rows)
     tl.store(out, m_a.to(tl.float64), mask=row_in)
     tl.store(out + stride, d_a, mask=row_in)
     tl.store(out + 2 * stride, m_b.to(tl.float64), mask=row_in)
@@ -166,38 +183,28 @@ def _fused_linear_jsd_kernel(
     log_beta,  # log(beta)
     log_1mbeta,  # log(1 - beta)
     ignore_index,
-    HAS_LABELS: tl.constexpr,
-    SHARED: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SOFTCAP: tl.constexpr,
-    DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_LABELS: tl.constexpr, SHARED: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows, row_in, label, row_ok = _row_state(
-        labels_ptr, pid_n, N, ignore_index, HAS_LABELS, BLOCK_N
-    )
-    st = stats_ptr + rows * 7
-    m_a = tl.load(st + 0, mask=row_in, other=0.0)[:, None]
-    ld_a = tl.load(st + 1, mask=row_in, other=0.0)[:, None]
-    m_b = tl.load(st + 2, mask=row_in, other=0.0)[:, None]
-    ld_b = tl.load(st + 3, mask=row_in, other=0.0)[:, None]
+    ops, split, n_splits, n_tiles, rows, row_in, label, row_ok = _split_program(
+        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, hs_stride, ws_stride,
+        ht_stride, wt_stride, N, V, ignore_index, HAS_LABELS, BLOCK_N, BLOCK_V,
+    )  # fmt: skip
     kl_pm = tl.zeros([BLOCK_N], dtype=tl.float64)
     kl_qm = tl.zeros([BLOCK_N], dtype=tl.float64)
-    n_tiles = tl.cdiv(V, BLOCK_V)
+    m_a, ld_a, m_b, ld_b = _row_lse(stats_ptr, rows, row_in)
     for j in range(split, n_tiles, n_splits):
-        s, t, cols, col_ok = _logit_tiles(
-            hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
-            hs_stride, ws_stride, ht_stride, wt_stride, rows, row_ok, j, V, H_s, H_t, cap,
-            SHARED, HAS_BS, HAS_BT, SOFTCAP, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_K,
+        _, _, a, b, _, _ = _scaled_tiles(
+            ops, rows, row_ok, j, V, H_s, H_t, inv_t, cap, SHARED, HAS_BS, HAS_BT, SOFTCAP,
+            DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_K,
         )  # fmt: skip
-        lq = (tl.where(col_ok[None, :], s, float("-inf")) * inv_t - m_a) - ld_a
-        lp = (tl.where(col_ok[None, :], t, float("-inf")) * inv_t - m_b) - ld_b
-        t_pm, t_qm = _jsd_terms(lq, lp, log_beta, log_1mbeta)
+        t_pm, t_qm = _jsd_terms((a - m_a) - ld_a, (b - m_b) - ld_b, log_beta, log_1mbeta)
         kl_pm += tl.sum(t_pm, axis=1).to(tl.float64)
         kl_qm += tl.sum(t_qm, axis=1).to(tl.float64)
-    out = part_ptr + split.to(tl.int64) * N + rows
+    out, stride = _partials(part_ptr, split, n_splits, N, rows)
     tl.store(out, kl_pm, mask=row_in)
-    tl.store(out + n_splits.to(tl.int64) * N, kl_qm, mask=row_in)
+    tl.store(out + stride, kl_qm, mask=row_in)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,12 +255,6 @@ def _splits(n_blocks: int, n_tiles: int, target: Target, fp32: bool = False) -> 
     return best
 
 
-def _mix_logs(beta: float) -> tuple[float, float]:
-    if 0.0 < beta < 1.0:
-        return math.log(beta), math.log1p(-beta)
-    return 0.0, 0.0
-
-
 def _check(hs, ws, bs, ht, wt, bt, labels) -> None:
     for name, x in (("student_hidden", hs), ("student_weight", ws), ("teacher_hidden", ht),
                     ("teacher_weight", wt)):  # fmt: skip
@@ -266,10 +267,7 @@ def _check(hs, ws, bs, ht, wt, bt, labels) -> None:
     for b in (bs, bt):
         if b is not None and (b.dim() != 1 or b.stride(0) != 1):
             raise ValueError("biases must be contiguous 1-D tensors")
-    if labels is not None and (
-        labels.dtype != torch.int64 or labels.shape != (hs.shape[0],) or labels.stride(0) != 1
-    ):
-        raise ValueError("labels must be a contiguous int64 tensor of shape [N]")
+    check_labels(labels, hs.shape[0])
 
 
 def _common(hs, ws, bs, ht, wt, bt, labels, shared, softcap, blocks, target, kernel):
@@ -295,8 +293,9 @@ def _common(hs, ws, bs, ht, wt, bt, labels, shared, softcap, blocks, target, ker
 
 
 def _split_pass(hs, ws, bs, ht, wt, bt, labels, vocab, shared, softcap, blocks, splits, target,
-                kernel):  # fmt: skip
-    """_common's arguments and the grid (token blocks, vocabulary splits) of a statistics pass."""
+                kernel, n_partials):  # fmt: skip
+    """_common's arguments, the grid (token blocks, vocabulary splits) of a statistics pass and
+    its output, the partials [n_partials, SPLITS, N] (fp64)."""
     target = target or target_of(hs.device)
     args, strides, flags = _common(hs, ws, bs, ht, wt, bt, labels, shared, softcap, blocks,
                                    target, kernel)  # fmt: skip
@@ -304,7 +303,24 @@ def _split_pass(hs, ws, bs, ht, wt, bt, labels, vocab, shared, softcap, blocks, 
     n_tiles = triton.cdiv(vocab, flags["BLOCK_V"])
     fp32 = torch.float32 in (hs.dtype, ht.dtype)
     splits = max(1, min(splits or _splits(n_blocks, n_tiles, target, fp32), n_tiles))
-    return args, strides, flags, (n_blocks, splits)
+    part = _new_empty((n_partials, splits, hs.shape[0]), torch.float64, hs.device)
+    return args, strides, flags, (n_blocks, splits), part
+
+
+def _pass_launch(kernel, grid, head, tail, flags, hs, ht, vocab, temperature, softcap) -> Launch:
+    """The launch of a statistics pass: arguments ``head`` (up to the strides), N, V, H_s, H_t,
+    1 / T, the softcap, then ``tail`` (see the kernels)."""
+    sizes = (hs.shape[0], vocab, hs.shape[1], ht.shape[1], 1.0 / temperature,
+             float(softcap or 1.0))  # fmt: skip
+    return Launch(kernel, grid, (*head, *sizes, *tail), flags,
+                  num_warps=_num_warps(flags["BLOCK_N"], flags["BLOCK_V"]))  # fmt: skip
+
+
+def _run_pass(launch: Launch, part: torch.Tensor) -> torch.Tensor:
+    """Run a statistics pass unless it has no rows; its partials [K, SPLITS, N]."""
+    if part.shape[2]:
+        launch()
+    return part
 
 
 def fused_linear_fwd_launch(
@@ -314,29 +330,13 @@ def fused_linear_fwd_launch(
     target: Target | None = None,
 ) -> tuple[Launch, torch.Tensor]:  # fmt: skip
     """The launch of pass 1 and its output, the partial statistics [8, SPLITS, N] (fp64)."""
-    n = hs.shape[0]
-    args, strides, flags, grid = _split_pass(hs, ws, bs, ht, wt, bt, labels, vocab, shared,
-                                             softcap, blocks, splits, target, "stats")  # fmt: skip
-    part = _new_empty((NUM_PARTIALS, grid[1], n), torch.float64, hs.device)
+    args, strides, flags, grid, part = _split_pass(
+        hs, ws, bs, ht, wt, bt, labels, vocab, shared, softcap, blocks, splits, target, "stats",
+        NUM_PARTIALS,
+    )  # fmt: skip
     flags.update(DIVERGENCE=divergence, HAS_CE=has_ce, RAW_LSE=has_ce and temperature != 1.0)
-    launch = Launch(
-        _fused_linear_stats_kernel,
-        grid,
-        (
-            *args,
-            part,
-            *strides,
-            n,
-            vocab,
-            hs.shape[1],
-            ht.shape[1],
-            1.0 / temperature,
-            float(softcap or 1.0),
-            ignore_index,
-        ),  # fmt: skip
-        flags,
-        num_warps=_num_warps(flags["BLOCK_N"], flags["BLOCK_V"]),
-    )
+    launch = _pass_launch(_fused_linear_stats_kernel, grid, (*args, part, *strides),
+                          (ignore_index,), flags, hs, ht, vocab, temperature, softcap)  # fmt: skip
     return launch, part
 
 
@@ -349,10 +349,7 @@ def fused_linear_fwd(*args, **kwargs) -> torch.Tensor:
     splits that do not hold it).
     """
     _check(*args[:7])
-    launch, part = fused_linear_fwd_launch(*args, **kwargs)
-    if part.shape[2]:
-        launch()
-    return part
+    return _run_pass(*fused_linear_fwd_launch(*args, **kwargs))
 
 
 def fused_linear_jsd_launch(
@@ -362,48 +359,24 @@ def fused_linear_jsd_launch(
     target: Target | None = None,
 ) -> tuple[Launch, torch.Tensor]:  # fmt: skip
     """The launch of pass 2 (interior-beta JSD) and its output [2, SPLITS, N] (fp64)."""
-    n = hs.shape[0]
-    args, strides, flags, grid = _split_pass(hs, ws, bs, ht, wt, bt, labels, vocab, shared,
-                                             softcap, blocks, splits, target, "jsd")  # fmt: skip
-    part = _new_empty((2, grid[1], n), torch.float64, hs.device)
-    log_beta, log_1mbeta = _mix_logs(beta)
-    launch = Launch(
-        _fused_linear_jsd_kernel,
-        grid,
-        (
-            *args,
-            stats,
-            part,
-            *strides,
-            n,
-            vocab,
-            hs.shape[1],
-            ht.shape[1],
-            1.0 / temperature,
-            float(softcap or 1.0),
-            log_beta,
-            log_1mbeta,
-            ignore_index,
-        ),  # fmt: skip
-        flags,
-        num_warps=_num_warps(flags["BLOCK_N"], flags["BLOCK_V"]),
-    )
-    return launch, part
+    args, strides, flags, grid, part = _split_pass(
+        hs, ws, bs, ht, wt, bt, labels, vocab, shared, softcap, blocks, splits, target, "jsd", 2
+    )  # fmt: skip
+    tail = (*mix_logs(beta), ignore_index)  # after the softcap: log(beta), log(1 - beta), ...
+    return _pass_launch(_fused_linear_jsd_kernel, grid, (*args, stats, part, *strides), tail,
+                        flags, hs, ht, vocab, temperature, softcap), part  # fmt: skip
 
 
 def fused_linear_jsd(*args, **kwargs) -> torch.Tensor:
     """Pass 2 of interior-beta JSD: partial KL(p||M), KL(q||M) [2, SPLITS, N] (fp64); the
     arguments of :func:`fused_linear_jsd_launch`."""
     _check(*args[:7])
-    launch, part = fused_linear_jsd_launch(*args, **kwargs)
-    if part.shape[2]:
-        launch()
-    return part
+    return _run_pass(*fused_linear_jsd_launch(*args, **kwargs))
 
 
 def _grad_args(vocab, h_s, h_t, temperature, beta, div_scale, ce_scale, softcap, eps, ignore_index,
                n) -> tuple:  # fmt: skip
-    log_beta, log_1mbeta = _mix_logs(beta)
+    log_beta, log_1mbeta = mix_logs(beta)
     return (n, vocab, h_s, h_t, 1.0 / temperature, beta, log_beta, log_1mbeta, div_scale,
             ce_scale, float(softcap or 1.0), float(eps or 0.0), ignore_index)  # fmt: skip
 

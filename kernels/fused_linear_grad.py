@@ -21,9 +21,9 @@ from ._tiles import _dot, _grad_tile, _load_tile, _logit_tiles, _row_state
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _tile_grad(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, stats_ptr, grad_rows_ptr,
-    hs_stride, ws_stride, ht_stride, wt_stride, N, V, H_s, H_t, inv_t, beta, log_beta,
-    log_1mbeta, div_scale, ce_scale, cap, eps, ignore_index, pid_n, pid_v,
+    ops,  # the linear layers' operands (see _logit_tiles)
+    labels_ptr, stats_ptr, grad_rows_ptr, N, V, H_s, H_t, inv_t, beta, log_beta, log_1mbeta,
+    div_scale, ce_scale, cap, eps, ignore_index, pid_n, pid_v,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     SHARED: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SOFTCAP: tl.constexpr,
     FILTER: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -35,9 +35,8 @@ def _tile_grad(
         labels_ptr, pid_n, N, ignore_index, HAS_LABELS, BLOCK_N
     )
     s, t, cols, col_ok = _logit_tiles(
-        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
-        hs_stride, ws_stride, ht_stride, wt_stride, rows, row_ok, pid_v, V, H_s, H_t, cap,
-        SHARED, HAS_BS, HAS_BT, SOFTCAP, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_K,
+        ops, rows, row_ok, pid_v, V, H_s, H_t, cap, SHARED, HAS_BS, HAS_BT, SOFTCAP, DOT_FP32,
+        BLOCK_N, BLOCK_V, BLOCK_K,
     )  # fmt: skip
     g, keep = _grad_tile(
         s, t, stats_ptr, grad_rows_ptr, rows, row_ok, label, cols, col_ok, V, inv_t, beta,
@@ -64,14 +63,13 @@ def _fused_linear_grad_kernel(
     FILTER: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    ops = (hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_stride, ws_stride, ht_stride,
+           wt_stride)  # fmt: skip
     g, _, rows, row_in, row_ok, cols, col_ok = _tile_grad(
-        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, stats_ptr, grad_rows_ptr,
-        hs_stride, ws_stride, ht_stride, wt_stride, N, V, H_s, H_t, inv_t, beta, log_beta,
-        log_1mbeta, div_scale, ce_scale, cap, eps, ignore_index, pid_n, pid_v,
-        DIVERGENCE, HAS_LABELS, HAS_CE, SHARED, HAS_BS, HAS_BT, SOFTCAP, FILTER, DOT_FP32,
-        BLOCK_N, BLOCK_V, BLOCK_K,
+        ops, labels_ptr, stats_ptr, grad_rows_ptr, N, V, H_s, H_t, inv_t, beta, log_beta,
+        log_1mbeta, div_scale, ce_scale, cap, eps, ignore_index, tl.program_id(0),
+        tl.program_id(1), DIVERGENCE, HAS_LABELS, HAS_CE, SHARED, HAS_BS, HAS_BT, SOFTCAP,
+        FILTER, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_K,
     )  # fmt: skip
     tl.store(
         g_ptr + rows[:, None] * V + cols[None, :],
@@ -97,6 +95,8 @@ def _fused_linear_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_N: tl.constexpr,  # token blocks that sweep the vocabulary together
 ):  # fmt: skip
+    ops = (hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hs_stride, ws_stride, ht_stride,
+           wt_stride)  # fmt: skip
     # Grouped order: programs in flight share GROUP_N token blocks (their grad_h rows in L2).
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
@@ -108,11 +108,10 @@ def _fused_linear_bwd_kernel(
     pid_n = first + in_group % size
     pid_v = in_group // size
     g, keep, rows, row_in, row_ok, cols, col_ok = _tile_grad(
-        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, stats_ptr, grad_rows_ptr,
-        hs_stride, ws_stride, ht_stride, wt_stride, N, V, H_s, H_t, inv_t, beta, log_beta,
-        log_1mbeta, div_scale, ce_scale, cap, eps, ignore_index, pid_n, pid_v,
-        DIVERGENCE, HAS_LABELS, HAS_CE, SHARED, HAS_BS, HAS_BT, SOFTCAP, FILTER, DOT_FP32,
-        BLOCK_N, BLOCK_V, BLOCK_K,
+        ops, labels_ptr, stats_ptr, grad_rows_ptr, N, V, H_s, H_t, inv_t, beta, log_beta,
+        log_1mbeta, div_scale, ce_scale, cap, eps, ignore_index, pid_n, pid_v, DIVERGENCE,
+        HAS_LABELS, HAS_CE, SHARED, HAS_BS, HAS_BT, SOFTCAP, FILTER, DOT_FP32, BLOCK_N, BLOCK_V,
+        BLOCK_K,
     )  # fmt: skip
     if keep:
         if NEED_GB:
