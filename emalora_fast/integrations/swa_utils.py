@@ -92,15 +92,15 @@ class FusedEMA:
             _torch_update(ema_param_list, current_param_list, self.decay)
             return
         torch._foreach_copy_(slot.views, ema_param_list)
-        c_ema, c_theta = [self.decay], [1.0 - self.decay]
+        weights = [1.0 - self.decay]  # the lerp form, as torch's _foreach_lerp_
         if slot.backend == "triton":
             _dispatch.load_triton("averager").averager_update(
-                slot.plan, slot.flat, None, None, slot.flag, c_ema, c_theta, 0.0, False
+                slot.plan, slot.flat, None, None, slot.flag, weights, 0.0, False
             )
         else:
             torch.ops.emalora_fast.averager_update(
                 current_param_list, ema_param_list, slot.flat, None, None, slot.flag,
-                c_ema, c_theta, 0.0, False,
+                weights, 0.0, False,
             )  # fmt: skip
 
     def _slot(self, ema: list[torch.Tensor], current: list[torch.Tensor]) -> _Slot | None:
@@ -166,7 +166,7 @@ def get_ema_multi_avg_fn(decay: float = 0.999, *, backend: _dispatch.Backend = "
     """The fused counterpart of ``torch.optim.swa_utils.get_ema_multi_avg_fn(decay)``.
 
     Args:
-        decay: in [0, 1]: ``ema <- decay * ema + (1 - decay) * current``.
+        decay: in [0, 1]: ``ema <- ema + (1 - decay) * (current - ema)``.
         backend: as for :class:`FusedEMA`.
 
     Returns:

@@ -270,7 +270,7 @@ def test_example_runs(tmp_path):
 
     from peft import PeftModel
 
-    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "lightning_train.py"))
+    example = runpy.run_path(str(Path(__file__).parents[2] / "examples" / "lightning_train.py"))
     tiny = ["--batches", "3", "--batch-size", "2", "--seq-len", "16", "--hidden", "32"]
     cb = example["main"]([*tiny, "--epochs", "1", "--out", str(tmp_path)])
     assert cb.averager.step == 3

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("trl")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trl_integration.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "trl_integration.py"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("trl")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from helpers import FP32_RTOL, assert_close, tiny_peft_llama  # noqa: E402
+from helpers import FP32_RTOL, assert_close, rel_err, tiny_peft_llama  # noqa: E402
 from trl.experimental.sdft import loss_utils as trl_losses  # noqa: E402
 
 from emalora_fast.integrations.trl import self_distillation as ours  # noqa: E402
@@ -33,8 +33,15 @@ def _check(fn_ours, fn_trl, s, te, weights, *args, **kw):
     r = s.double().requires_grad_()
     ref = fn_trl(r, te.double(), *args, **kw)
     (ref * weights.double()).sum().backward()
-    assert_close(out.detach(), ref.detach().float(), FP32_RTOL, "per-token loss")
-    assert_close(a.grad, r.grad.float(), FP32_RTOL, "grad")
+    # The bound: the fp32 tolerance, or twice TRL's own fp32 error where its formula loses more
+    # (the top-k tail bucket, log(1 - sum of top-k probabilities), cancels on some draws).
+    f = s.clone().requires_grad_()
+    own = fn_trl(f, te, *args, **kw)
+    (own * weights).sum().backward()
+    tol_loss = max(FP32_RTOL, 2 * rel_err(own.detach(), ref.detach()))
+    tol_grad = max(FP32_RTOL, 2 * rel_err(f.grad, r.grad))
+    assert_close(out.detach(), ref.detach().float(), tol_loss, "per-token loss")
+    assert_close(a.grad, r.grad.float(), tol_grad, "grad")
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])

@@ -30,3 +30,13 @@ def check_rate(name: str, value: Any) -> None:
 def check_steps(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _divergence(beta: float) -> dict[str, Any]:
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1] (TRL's convention), got {beta!r}")
+    if beta == 0:
+        return {"divergence": "forward_kl"}
+    if beta == 1:
+        return {"divergence": "reverse_kl"}
+    return {"divergence": "jsd", "beta": float(beta)}

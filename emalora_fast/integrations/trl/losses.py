@@ -31,6 +31,7 @@ from trl.experimental.sdpo import SDPOTrainer
 from trl.trainer import distillation_trainer as _trl_distillation
 
 from ... import distillation_loss, fused_linear_distillation_loss
+from ._checks import _divergence
 
 __all__ = [
     "chunked_divergence_loss",
@@ -41,16 +42,6 @@ __all__ = [
 
 TrlReduction = Literal["batchmean", "sum", "mean", "none"]
 _IGNORE = -100  # TRL's label mask value
-
-
-def _divergence(beta: float) -> dict[str, Any]:
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be a number in [0, 1] (TRL's convention), got {beta!r}")
-    if beta == 0:
-        return {"divergence": "forward_kl"}
-    if beta == 1:
-        return {"divergence": "reverse_kl"}
-    return {"divergence": "jsd", "beta": float(beta)}
 
 
 def _divide(total: torch.Tensor, num_items: int | float | torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from trl.experimental.sdft import loss_utils as _sdft_losses
 
 from ... import distillation_loss
-from .losses import _divergence
+from ._checks import _divergence
 
 __all__ = [
     "compute_full_logit_self_distillation_loss",
