@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--quick",
         action="store_true",
-        help="a small run (embedded model: 2-3 min on 2 cores; with --model: 8 short steps per "
-        "variant, a smoke run)",
+        help="a small run (embedded model: about a minute on 2 cores; with --model: 8 short "
+        "steps per variant, a smoke run)",
     )
     d.add_argument(
         "--study",

@@ -92,8 +92,11 @@ def _train_variant(name, cfg, base, data, state, progress, stop):
     bar = progress(total=cfg.steps, initial=run.step, desc=f"{name:>18s}")
 
     def on_step(r: LoraRun, seconds: float) -> None:
+        # refresh=False: the bar redraws on update() at its own rate (rarely off a terminal).
+        bar.set_postfix(
+            loss=f"{r.last_loss:.3f}", tok_s=f"{tokens_per_step / seconds:.0f}", refresh=False
+        )
         bar.update(1)
-        bar.set_postfix(loss=f"{r.last_loss:.3f}", tok_s=f"{tokens_per_step / seconds:.0f}")
 
     def should_stop() -> bool:
         if stop.requested:

@@ -309,7 +309,7 @@ def _pretrain(model, tokens: torch.Tensor, cfg: Config, progress) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 
 
 def smollm2_location() -> tuple[str, str]:

@@ -468,7 +468,7 @@ def run_study(
 
 
 def _train(r: RunSpec, base, data, study_dir: str, bar, stop) -> dict[str, Any]:
-    bar.set_postfix_str(r.label)
+    bar.set_postfix_str(r.label, refresh=False)
     workdir = os.path.dirname(_result_path(study_dir, r))
     run = LoraRun(r.config, r.config.variants[0], base, data, workdir=workdir)
     t0 = time.perf_counter()
