@@ -210,7 +210,7 @@ def test_use_streamed_losses_rejects_other_trainers_and_versions(monkeypatch):
 def _gkd_trainer(tmp_path, student, teacher, tok, rows, streamed: bool, beta: float):
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig
-    from trl_helpers import gkd_collate
+    from trl_helpers import gkd_collate, record_losses
 
     args = GKDConfig(
         output_dir=str(tmp_path / ("ours" if streamed else "trl")),
@@ -239,15 +239,7 @@ def _gkd_trainer(tmp_path, student, teacher, tok, rows, streamed: bool, beta: fl
     )
     if streamed:
         use_streamed_losses(trainer)
-    losses = []
-    compute = trainer.compute_loss
-
-    def recording(*a, **kw):
-        loss = compute(*a, **kw)
-        losses.append(loss.detach().clone())
-        return loss
-
-    trainer.compute_loss = recording
+    losses = record_losses(trainer)
     return trainer, losses
 
 

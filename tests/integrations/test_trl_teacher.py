@@ -165,7 +165,7 @@ def test_import_emalora_fast_never_imports_trl():
 def _sdft_run(tmp_path, model, trainer_cls, tag, prepare=None, **config):
     from datasets import Dataset
     from trl.experimental.sdft import SDFTConfig
-    from trl_helpers import tiny_tokenizer
+    from trl_helpers import record_losses, tiny_tokenizer
 
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -198,15 +198,7 @@ def _sdft_run(tmp_path, model, trainer_cls, tag, prepare=None, **config):
     )
     if prepare is not None:
         prepare(trainer)
-    losses = []
-    compute = trainer.compute_loss
-
-    def recording(*a, **kw):
-        loss = compute(*a, **kw)
-        losses.append(loss.detach().clone())
-        return loss
-
-    trainer.compute_loss = recording
+    losses = record_losses(trainer)
     trainer.train()
     return trainer, losses
 

@@ -48,3 +48,17 @@ def gkd_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
         "prompts": prompts,
         "prompt_attention_mask": torch.ones_like(prompts),
     }
+
+
+def record_losses(trainer) -> list[torch.Tensor]:
+    """Make ``trainer`` keep every loss its ``compute_loss`` returns; returns that list."""
+    losses: list[torch.Tensor] = []
+    compute = trainer.compute_loss
+
+    def recording(*a, **kw):
+        loss = compute(*a, **kw)
+        losses.append(loss.detach().clone())
+        return loss
+
+    trainer.compute_loss = recording
+    return losses
